@@ -1,0 +1,151 @@
+//! Command-line interface. `serve` is the default: its flags also work without a subcommand.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The listen port: 9100-9999 is fully allocated to other exporters, and 10160 is used by none of
+/// the well-known ones.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:10160";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "newapi-exporter",
+    version,
+    about = "Prometheus exporter for the new-api / one-api LLM gateway: billed usage from `logs`, \
+             channel state, and the exporter's own health. Reads the gateway's database, never writes it.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Flags of `serve`, accepted without the subcommand.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve metrics for the gateway's database (the default).
+    Serve(ServeArgs),
+    /// Create a demo gateway database, keep writing realistic traffic into it the way the
+    /// gateway does, and serve the exporter on it.
+    Demo(DemoArgs),
+    /// Open the database, detect its schema, print what the exporter would read, and exit
+    /// (non-zero on any problem).
+    Check(DbArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(
+        long = "log.level",
+        global = true,
+        default_value = "info",
+        value_name = "LEVEL"
+    )]
+    pub level: tracing::Level,
+
+    /// Log format.
+    #[arg(
+        long = "log.format",
+        global = true,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    pub format: LogFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DbArgs {
+    /// The gateway's SQLite database (the gateway's SQLITE_PATH; its default is one-api.db in
+    /// its working directory, /data/one-api.db in the official image).
+    #[arg(
+        long = "sqlite-path",
+        env = "SQLITE_PATH",
+        default_value = "one-api.db",
+        value_name = "PATH"
+    )]
+    pub sqlite_path: PathBuf,
+
+    /// Most log rows one read statement covers (a primary-key range). Smaller chunks make the
+    /// gateway's writers wait less; larger ones make the cold start cheaper.
+    #[arg(long = "db.chunk-rows", default_value_t = 20_000, value_name = "N",
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pub chunk_rows: i64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WebArgs {
+    /// Address to listen on for the metrics endpoint and landing page.
+    #[arg(long = "web.listen-address", default_value = DEFAULT_LISTEN, value_name = "ADDR")]
+    pub listen_address: SocketAddr,
+
+    /// Path under which metrics are served.
+    #[arg(long = "web.telemetry-path", default_value = "/metrics", value_name = "PATH",
+          value_parser = parse_telemetry_path)]
+    pub telemetry_path: String,
+
+    /// How often the database is read; scrapes serve the result of the last read.
+    #[arg(long = "poll-interval", default_value = "15s", value_name = "DURATION",
+          value_parser = parse_duration)]
+    pub poll_interval: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub web: WebArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Demo database to create (or to continue writing to when it exists).
+    #[arg(long = "db", default_value = "newapi-demo.db", value_name = "PATH")]
+    pub db: PathBuf,
+
+    /// Simulated requests per second.
+    #[arg(long = "rate", default_value_t = 5.0, value_name = "N")]
+    pub rate: f64,
+
+    /// History written into a new database before live traffic starts.
+    #[arg(long = "history", default_value = "48h", value_name = "DURATION",
+          value_parser = parse_duration)]
+    pub history: Duration,
+
+    #[command(flatten)]
+    pub web: WebArgs,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 15s or 2m: {e}"))?;
+    if d.is_zero() {
+        return Err("the duration must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_telemetry_path(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || s == "/" || s.starts_with("/-/") {
+        return Err(format!(
+            "{s:?} must start with / and must not be / or under /-/ (those serve the landing page and probes)"
+        ));
+    }
+    Ok(s.to_string())
+}

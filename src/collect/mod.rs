@@ -1,0 +1,150 @@
+//! Collectors: each reads one of the gateway's tables into its own state and renders its metric
+//! families from that state. Adding a metric family touches one collector file.
+//!
+//! Polling and rendering are separate so that a scrape never touches the database: the poller
+//! calls [`Collector::poll`] on its own thread, then renders every collector once into the
+//! snapshot that `/metrics` serves.
+
+pub mod channels;
+pub mod logs;
+pub mod options;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Result;
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+
+use crate::db::Sources;
+use crate::schema::Schema;
+
+/// Gateway settings from the `options` table; a missing row means the gateway's default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayOptions {
+    pub quota_per_unit: f64,
+    pub data_export_enabled: bool,
+    /// `DataExportInterval`, in seconds (the gateway stores minutes).
+    pub data_export_interval_seconds: i64,
+    pub log_consume_enabled: bool,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            quota_per_unit: 500_000.0,
+            data_export_enabled: true,
+            data_export_interval_seconds: 300,
+            log_consume_enabled: true,
+        }
+    }
+}
+
+/// What collectors share during a poll.
+pub struct Context {
+    pub schema: Schema,
+    /// `channels.name` by channel id label value, kept by the channels collector.
+    pub channel_names: HashMap<String, String>,
+    pub options: GatewayOptions,
+    /// Rows read this poll, by table, for `newapi_exporter_rows_read_total`.
+    pub rows_read: BTreeMap<&'static str, u64>,
+    /// Largest number of rows one statement may cover (a primary-key range).
+    pub chunk_rows: i64,
+    /// Highest `logs.id` ingested, kept by the logs collector.
+    pub logs_cursor: i64,
+    stop: Arc<AtomicBool>,
+}
+
+impl Context {
+    pub fn new(schema: Schema, chunk_rows: i64, stop: Arc<AtomicBool>) -> Self {
+        Context {
+            schema,
+            channel_names: HashMap::new(),
+            options: GatewayOptions::default(),
+            rows_read: BTreeMap::new(),
+            chunk_rows: chunk_rows.max(1),
+            logs_cursor: 0,
+            stop,
+        }
+    }
+
+    pub fn count_rows(&mut self, table: &'static str, n: u64) {
+        *self.rows_read.entry(table).or_default() += n;
+    }
+
+    /// True once shutdown was requested: long reads stop between chunks.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    pub fn channel_name(&self, channel_id: &str) -> &str {
+        self.channel_names
+            .get(channel_id)
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+}
+
+/// One group of metrics backed by one table.
+pub trait Collector: Send {
+    /// Short name for logs.
+    fn name(&self) -> &'static str;
+
+    /// Reads what changed since the last poll into the collector's state.
+    fn poll(&mut self, src: &mut Sources, ctx: &mut Context) -> Result<()>;
+
+    /// Appends this collector's metric families, rendered from its state.
+    fn render(&self, ctx: &Context, out: &mut Vec<MetricFamily>);
+}
+
+/// Builds one metric family; families without samples are left out (the text format has no
+/// empty families).
+pub struct Family(MetricFamily);
+
+impl Family {
+    pub fn counter(name: &str, help: &str) -> Self {
+        Self::with_type(name, help, MetricType::COUNTER)
+    }
+
+    pub fn gauge(name: &str, help: &str) -> Self {
+        Self::with_type(name, help, MetricType::GAUGE)
+    }
+
+    fn with_type(name: &str, help: &str, t: MetricType) -> Self {
+        let mut mf = MetricFamily::default();
+        mf.set_name(name.to_string());
+        mf.set_help(help.to_string());
+        mf.set_field_type(t);
+        Family(mf)
+    }
+
+    pub fn sample(&mut self, labels: &[(&str, &str)], value: f64) -> &mut Self {
+        let pairs = labels
+            .iter()
+            .map(|(k, v)| {
+                let mut p = LabelPair::default();
+                p.set_name(k.to_string());
+                p.set_value(v.to_string());
+                p
+            })
+            .collect();
+        let mut m = Metric::from_label(pairs);
+        if self.0.get_field_type() == MetricType::COUNTER {
+            let mut c = Counter::default();
+            c.set_value(value);
+            m.set_counter(c);
+        } else {
+            let mut g = Gauge::default();
+            g.set_value(value);
+            m.set_gauge(g);
+        }
+        self.0.mut_metric().push(m);
+        self
+    }
+
+    pub fn finish(self, out: &mut Vec<MetricFamily>) {
+        if !self.0.get_metric().is_empty() {
+            out.push(self.0);
+        }
+    }
+}

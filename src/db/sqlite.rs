@@ -1,0 +1,117 @@
+//! SQLite, the gateway's default engine.
+//!
+//! The gateway writes with a rollback journal and a 30 s busy timeout: while any reader holds a
+//! SHARED lock its commits wait. So the file is opened read-only, the journal mode is never
+//! touched, and every statement runs in autocommit (its lock is released as soon as it ends).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OpenFlags, params_from_iter};
+
+use super::{Database, Dialect, Engine, Row, Value};
+
+/// How long one of our statements waits for the gateway's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct SqliteDb {
+    path: PathBuf,
+    conn: Connection,
+}
+
+impl SqliteDb {
+    /// Opens an existing gateway database read-only. Errors name the file and say what is wrong.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!(
+                "SQLite database {} does not exist (set --sqlite-path or SQLITE_PATH to the gateway's one-api.db)",
+                path.display()
+            );
+        }
+        if path.is_dir() {
+            bail!(
+                "SQLite database {} is a directory, not a database file",
+                path.display()
+            );
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)
+            .with_context(|| format!("cannot open SQLite database {}", path.display()))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Reading the schema is the first access that looks at the file's content.
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::NotADatabase) => {
+                    anyhow::anyhow!("{} is not a SQLite database", path.display())
+                }
+                _ => anyhow::Error::new(e)
+                    .context(format!("cannot read SQLite database {}", path.display())),
+            })?;
+        Ok(SqliteDb {
+            path: path.to_path_buf(),
+            conn,
+        })
+    }
+}
+
+fn to_value(v: ValueRef<'_>) -> Value {
+    match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Int(i),
+        ValueRef::Real(f) => Value::Real(f),
+        // The gateway's text columns may hold bytes that are not UTF-8; keep what can be read.
+        ValueRef::Text(t) | ValueRef::Blob(t) => {
+            Value::Text(String::from_utf8_lossy(t).into_owned())
+        }
+    }
+}
+
+fn to_sql(v: &Value) -> rusqlite::types::Value {
+    use rusqlite::types::Value as S;
+    match v {
+        Value::Null => S::Null,
+        Value::Int(i) => S::Integer(*i),
+        Value::Real(f) => S::Real(*f),
+        Value::Text(s) => S::Text(s.clone()),
+    }
+}
+
+impl Database for SqliteDb {
+    fn dialect(&self) -> Dialect {
+        Dialect(Engine::Sqlite)
+    }
+
+    fn describe(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+
+    fn table_columns(&mut self, table: &str) -> Result<Option<Vec<String>>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name FROM pragma_table_info(?1)")?;
+        let cols = stmt
+            .query_map([table], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .with_context(|| format!("reading the columns of table {table}"))?;
+        Ok((!cols.is_empty()).then_some(cols))
+    }
+
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(sql)
+            .with_context(|| format!("preparing: {sql}"))?;
+        let width = stmt.column_count();
+        let mut rows = stmt.query(params_from_iter(params.iter().map(to_sql)))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let cells = (0..width)
+                .map(|i| row.get_ref(i).map(to_value))
+                .collect::<rusqlite::Result<Row>>()?;
+            out.push(cells);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,258 @@
+//! A simulated gateway writer: the gateway's SQLite DDL, and the two writes new-api makes per
+//! billed request (one `logs` row, plus an increment of an in-memory map that is flushed into
+//! `quota_data` every `DataExportInterval`).
+//!
+//! It connects the way the gateway does (rollback journal, 30 s busy timeout) so that anything
+//! built on it sees the same locking as production.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Which gateway's tables to create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    NewApi,
+    /// new-api before `group`, `ip`, `request_id`, `other`, `use_time`, `is_stream` were added.
+    NewApiLegacy,
+    OneApi,
+}
+
+/// `logs` and `quota_data` as new-api (2026) creates them in SQLite.
+pub const NEWAPI_DDL: &str = r#"
+CREATE TABLE `logs` (`id` integer,`user_id` integer,`created_at` integer,`type` integer,`content` text,
+ `username` text DEFAULT "",`token_name` text DEFAULT "",`model_name` text DEFAULT "",`quota` integer DEFAULT 0,
+ `prompt_tokens` integer DEFAULT 0,`completion_tokens` integer DEFAULT 0,`use_time` integer DEFAULT 0,
+ `is_stream` numeric,`channel_id` integer,`channel_name` text,`token_id` integer DEFAULT 0,`group` text,
+ `ip` text DEFAULT "",`request_id` varchar(64) DEFAULT "",`upstream_request_id` varchar(128) DEFAULT "",
+ `other` text,PRIMARY KEY (`id`));
+CREATE INDEX `idx_created_at_type` ON `logs`(`created_at`,`type`);
+CREATE INDEX `idx_logs_model_name` ON `logs`(`model_name`);
+CREATE TABLE `quota_data` (`id` integer,`user_id` integer,`username` text DEFAULT "",`model_name` text DEFAULT "",
+ `created_at` integer,`token_used` integer DEFAULT 0,`count` integer DEFAULT 0,`quota` integer DEFAULT 0,PRIMARY KEY (`id`));
+CREATE INDEX `idx_qdt_created_at` ON `quota_data`(`created_at`);
+CREATE INDEX `idx_qdt_model_user_name` ON `quota_data`(`model_name`,`username`);
+"#;
+
+/// Older new-api: `logs` without the columns added later.
+pub const NEWAPI_LEGACY_DDL: &str = r#"
+CREATE TABLE `logs` (`id` integer,`user_id` integer,`created_at` integer,`type` integer,`content` text,
+ `username` text DEFAULT "",`token_name` text DEFAULT "",`model_name` text DEFAULT "",`quota` integer DEFAULT 0,
+ `prompt_tokens` integer DEFAULT 0,`completion_tokens` integer DEFAULT 0,`channel_id` integer,`token_id` integer DEFAULT 0,
+ PRIMARY KEY (`id`));
+CREATE TABLE `quota_data` (`id` integer,`user_id` integer,`username` text DEFAULT "",`model_name` text DEFAULT "",
+ `created_at` integer,`token_used` integer DEFAULT 0,`count` integer DEFAULT 0,`quota` integer DEFAULT 0,PRIMARY KEY (`id`));
+"#;
+
+/// one-api: no `quota_data`.
+pub const ONEAPI_DDL: &str = r#"
+CREATE TABLE `logs` (`id` integer,`user_id` integer,`created_at` integer,`type` integer,`content` text,
+ `username` text DEFAULT "",`token_name` text DEFAULT "",`model_name` text DEFAULT "",`quota` integer DEFAULT 0,
+ `prompt_tokens` integer DEFAULT 0,`completion_tokens` integer DEFAULT 0,`channel_id` integer,PRIMARY KEY (`id`));
+"#;
+
+/// Tables every flavor has.
+pub const COMMON_DDL: &str = r#"
+CREATE TABLE `options` (`key` text,`value` text,PRIMARY KEY (`key`));
+CREATE TABLE `channels` (`id` integer,`type` integer DEFAULT 0,`key` text NOT NULL,`open_ai_organization` text,
+ `test_model` text,`status` integer DEFAULT 1,`name` text,`weight` integer DEFAULT 0,`created_time` integer,
+ `test_time` integer,`response_time` integer,`base_url` text DEFAULT "",`other` text,`balance` real,
+ `balance_updated_time` integer,`models` text,`group` varchar(64) DEFAULT "default",`used_quota` integer DEFAULT 0,
+ `model_mapping` text,`status_code_mapping` varchar(1024) DEFAULT "",`priority` integer DEFAULT 0,
+ `auto_ban` integer DEFAULT 1,`other_info` text,`tag` text,PRIMARY KEY (`id`));
+CREATE TABLE `users` (`id` integer,`username` text,`password` text NOT NULL,`display_name` text,`role` integer DEFAULT 1,
+ `status` integer DEFAULT 1,`email` text,`access_token` char(32),`quota` integer DEFAULT 0,`used_quota` integer DEFAULT 0,
+ `request_count` integer DEFAULT 0,`group` varchar(64) DEFAULT "default",`aff_code` varchar(32),`inviter_id` integer,
+ `deleted_at` datetime,PRIMARY KEY (`id`));
+"#;
+
+/// The gateway's busy timeout (`_busy_timeout=30000`).
+pub const GATEWAY_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One `logs` row as the gateway writes it. Optional columns are skipped on schemas without them.
+#[derive(Debug, Clone, Default)]
+pub struct LogRow {
+    pub user_id: i64,
+    pub username: String,
+    pub created_at: i64,
+    pub log_type: i64,
+    pub content: String,
+    pub token_name: String,
+    pub model_name: String,
+    pub quota: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub use_time: i64,
+    pub is_stream: bool,
+    pub channel_id: i64,
+    pub group: String,
+    pub request_id: String,
+    pub other: String,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Pending {
+    count: i64,
+    quota: i64,
+    tokens: i64,
+}
+
+/// Key of the gateway's in-memory quota map: (user_id, username, model_name, hour).
+type MapKey = (i64, String, String, i64);
+
+pub struct Gateway {
+    pub conn: Connection,
+    flavor: Flavor,
+    map: BTreeMap<MapKey, Pending>,
+}
+
+/// Opens a connection with the gateway's own settings.
+pub fn gateway_connection(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+    conn.busy_timeout(GATEWAY_BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+impl Gateway {
+    /// Creates the gateway's tables in a new database file.
+    pub fn create(path: &Path, flavor: Flavor) -> Result<Self> {
+        let conn = gateway_connection(path)?;
+        let ddl = match flavor {
+            Flavor::NewApi => NEWAPI_DDL,
+            Flavor::NewApiLegacy => NEWAPI_LEGACY_DDL,
+            Flavor::OneApi => ONEAPI_DDL,
+        };
+        conn.execute_batch(ddl)?;
+        conn.execute_batch(COMMON_DDL)?;
+        Ok(Gateway {
+            conn,
+            flavor,
+            map: BTreeMap::new(),
+        })
+    }
+
+    /// Opens an existing database that [`Gateway::create`] made.
+    pub fn open(path: &Path, flavor: Flavor) -> Result<Self> {
+        Ok(Gateway {
+            conn: gateway_connection(path)?,
+            flavor,
+            map: BTreeMap::new(),
+        })
+    }
+
+    pub fn set_option(&self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO options (`key`, `value`) VALUES (?1, ?2)
+             ON CONFLICT(`key`) DO UPDATE SET `value` = excluded.`value`",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_channel(
+        &self,
+        id: i64,
+        channel_type: i64,
+        name: &str,
+        status: i64,
+        balance: f64,
+        response_ms: i64,
+        group: &str,
+        models: &str,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO channels (id, type, `key`, status, name, balance, response_time, `group`, models)
+             VALUES (?1, ?2, 'sk-secret-never-read', ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![id, channel_type, status, name, balance, response_ms, group, models],
+        )?;
+        Ok(())
+    }
+
+    /// Writes one log row. With `feed_quota_data`, a consume row also goes into the map the way
+    /// the gateway's `LogQuotaData` does; `hour_of` is the clock reading the gateway would take
+    /// (normally the row's own time).
+    pub fn record(&mut self, row: &LogRow, feed_quota_data: bool, hour_of: i64) -> Result<i64> {
+        let id = match self.flavor {
+            Flavor::NewApi => {
+                self.conn.execute(
+                    "INSERT INTO logs (user_id, created_at, type, content, username, token_name, model_name,
+                       quota, prompt_tokens, completion_tokens, use_time, is_stream, channel_id, `group`,
+                       request_id, other)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
+                    params![
+                        row.user_id, row.created_at, row.log_type, row.content, row.username,
+                        row.token_name, row.model_name, row.quota, row.prompt_tokens,
+                        row.completion_tokens, row.use_time, row.is_stream, row.channel_id,
+                        row.group, row.request_id, row.other
+                    ],
+                )?;
+                self.conn.last_insert_rowid()
+            }
+            Flavor::NewApiLegacy | Flavor::OneApi => {
+                self.conn.execute(
+                    "INSERT INTO logs (user_id, created_at, type, content, username, token_name, model_name,
+                       quota, prompt_tokens, completion_tokens, channel_id)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)",
+                    params![
+                        row.user_id, row.created_at, row.log_type, row.content, row.username,
+                        row.token_name, row.model_name, row.quota, row.prompt_tokens,
+                        row.completion_tokens, row.channel_id
+                    ],
+                )?;
+                self.conn.last_insert_rowid()
+            }
+        };
+        if feed_quota_data && row.log_type == 2 && self.flavor != Flavor::OneApi {
+            let key = (
+                row.user_id,
+                row.username.clone(),
+                row.model_name.clone(),
+                hour_of - hour_of.rem_euclid(3600),
+            );
+            let p = self.map.entry(key).or_default();
+            p.count += 1;
+            p.quota += row.quota;
+            p.tokens += row.prompt_tokens + row.completion_tokens;
+        }
+        Ok(id)
+    }
+
+    /// Drops the in-memory map without writing it, as a gateway restart does.
+    pub fn lose_pending(&mut self) {
+        self.map.clear();
+    }
+
+    /// Flushes the map into `quota_data` like the gateway's `SaveQuotaDataCache`: increment the
+    /// row for the key in place, or insert a new one.
+    pub fn flush(&mut self) -> Result<()> {
+        let pending = std::mem::take(&mut self.map);
+        for ((user_id, username, model, hour), p) in pending {
+            let existing: Option<i64> = self
+                .conn
+                .query_row(
+                    "SELECT id FROM quota_data WHERE user_id = ?1 AND username = ?2 AND model_name = ?3
+                     AND created_at = ?4 LIMIT 1",
+                    params![user_id, username, model, hour],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match existing {
+                Some(id) => self.conn.execute(
+                    "UPDATE quota_data SET count = count + ?1, quota = quota + ?2, token_used = token_used + ?3
+                     WHERE id = ?4",
+                    params![p.count, p.quota, p.tokens, id],
+                )?,
+                None => self.conn.execute(
+                    "INSERT INTO quota_data (user_id, username, model_name, created_at, token_used, count, quota)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![user_id, username, model, hour, p.tokens, p.count, p.quota],
+                )?,
+            };
+        }
+        Ok(())
+    }
+}

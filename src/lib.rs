@@ -1,0 +1,20 @@
+//! newapi-exporter: Prometheus metrics for the new-api / one-api LLM gateway, read from the
+//! gateway's own database.
+//!
+//! A walk through the house:
+//! - [`db`]: one file per database engine behind the [`db::Database`] trait;
+//! - [`schema`]: which gateway wrote the database and which columns exist;
+//! - [`collect`]: one collector per table, each reading incrementally into its own state;
+//! - [`poller`]: the poll loop that runs the collectors and publishes a snapshot;
+//! - [`web`]: the HTTP routes serving that snapshot;
+//! - [`demo`]: a simulated gateway for the demo and the tests;
+//! - [`cli`] and [`serve`]: the command line and the server wiring.
+
+pub mod cli;
+pub mod collect;
+pub mod db;
+pub mod demo;
+pub mod poller;
+pub mod schema;
+pub mod serve;
+pub mod web;

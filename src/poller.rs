@@ -1,0 +1,319 @@
+//! The poll loop: connects, detects the schema, runs every collector, and publishes one
+//! immutable [`Snapshot`] that scrapes serve until the next poll.
+//!
+//! Runs on its own thread because the database calls block. A failed poll keeps the previous
+//! state (counters never go back), sets `newapi_up` to 0 and is logged once per outage.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::collect::{
+    Collector, Context, channels::ChannelsCollector, logs::LogsCollector, options::OptionsCollector,
+};
+use crate::db::Sources;
+use crate::schema::{Flavor, Schema};
+
+/// Opens the gateway's databases; called again after a failure.
+pub type Connector = Box<dyn FnMut() -> Result<Sources> + Send>;
+
+/// What the landing page shows about the last poll.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub database: String,
+    pub flavor: Option<Flavor>,
+    pub last_poll: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub logs_cursor: i64,
+    pub ready: bool,
+}
+
+/// Everything a scrape serves, built once per poll.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub families: Vec<MetricFamily>,
+    /// `families` in the Prometheus text format.
+    pub text: String,
+    pub status: Status,
+}
+
+/// The exporter's view shared between the poll thread and the HTTP handlers.
+#[derive(Default)]
+pub struct Shared {
+    snapshot: RwLock<Arc<Snapshot>>,
+}
+
+impl Shared {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn publish(&self, s: Snapshot) {
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(s);
+    }
+}
+
+/// The exporter's own metrics.
+struct Health {
+    registry: Registry,
+    up: IntGauge,
+    poll_duration: Histogram,
+    poll_errors: IntCounter,
+    rows_read: IntCounterVec,
+    last_poll: Gauge,
+    cursor: IntGauge,
+}
+
+impl Health {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let up = IntGauge::new(
+            "newapi_up",
+            "1 when the last poll of the gateway's database succeeded, else 0.",
+        )
+        .expect("valid metric");
+        let build_info = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "newapi_exporter_build_info",
+                "Constant 1, labeled with the exporter's version.",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let poll_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "newapi_exporter_poll_duration_seconds",
+                "Time one poll of the gateway's database took.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+        )
+        .expect("valid metric");
+        let poll_errors = IntCounter::new(
+            "newapi_exporter_poll_errors_total",
+            "Polls that failed (the previous state kept being served).",
+        )
+        .expect("valid metric");
+        let rows_read = IntCounterVec::new(
+            Opts::new(
+                "newapi_exporter_rows_read_total",
+                "Rows the exporter read from the gateway's database, by table.",
+            ),
+            &["table"],
+        )
+        .expect("valid metric");
+        let last_poll = Gauge::new(
+            "newapi_exporter_last_poll_timestamp_seconds",
+            "Unix time the last poll finished, successful or not.",
+        )
+        .expect("valid metric");
+        let cursor = IntGauge::new("newapi_exporter_logs_cursor", "Highest logs.id ingested.")
+            .expect("valid metric");
+        for c in [
+            Box::new(up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(build_info),
+            Box::new(poll_duration.clone()),
+            Box::new(poll_errors.clone()),
+            Box::new(rows_read.clone()),
+            Box::new(last_poll.clone()),
+            Box::new(cursor.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        Health {
+            registry,
+            up,
+            poll_duration,
+            poll_errors,
+            rows_read,
+            last_poll,
+            cursor,
+        }
+    }
+}
+
+/// Connected state: the open databases plus the collectors built for their schema.
+struct Pipeline {
+    collectors: Vec<Box<dyn Collector>>,
+    ctx: Context,
+}
+
+pub struct Poller {
+    connect: Connector,
+    sources: Option<Sources>,
+    pipeline: Option<Pipeline>,
+    health: Health,
+    chunk_rows: i64,
+    stop: Arc<AtomicBool>,
+    database: String,
+    outage: Option<String>,
+    ready: bool,
+}
+
+impl Poller {
+    pub fn new(
+        connect: Connector,
+        database: String,
+        chunk_rows: i64,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        Poller {
+            connect,
+            sources: None,
+            pipeline: None,
+            health: Health::new(),
+            chunk_rows,
+            stop,
+            database,
+            outage: None,
+            ready: false,
+        }
+    }
+
+    fn build_pipeline(
+        src: &mut Sources,
+        chunk_rows: i64,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Pipeline> {
+        let schema = Schema::detect(src)?;
+        tracing::info!(
+            database = %src.describe(),
+            flavor = %schema.flavor,
+            "gateway schema detected"
+        );
+        let dialect = src.logs().dialect();
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(OptionsCollector::default()),
+            Box::new(ChannelsCollector::default()),
+            Box::new(LogsCollector::new(&schema, dialect)),
+        ];
+        Ok(Pipeline {
+            collectors,
+            ctx: Context::new(schema, chunk_rows, stop),
+        })
+    }
+
+    /// One poll: every collector runs even when another fails; the first error is returned.
+    fn poll_collectors(&mut self) -> Result<()> {
+        if self.sources.is_none() {
+            self.sources = Some((self.connect)()?);
+        }
+        let src = self.sources.as_mut().expect("connected above");
+        if self.pipeline.is_none() {
+            self.pipeline = Some(Self::build_pipeline(
+                src,
+                self.chunk_rows,
+                self.stop.clone(),
+            )?);
+        }
+        let p = self.pipeline.as_mut().expect("built above");
+        let mut first_err = None;
+        for c in &mut p.collectors {
+            if let Err(e) = c.poll(src, &mut p.ctx) {
+                let e = e.context(format!("collector {}", c.name()));
+                if first_err.is_none() {
+                    first_err = Some(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Runs one poll and publishes the resulting snapshot.
+    pub fn poll_once(&mut self, shared: &Shared) {
+        let started = Instant::now();
+        let result = self.poll_collectors();
+        self.health
+            .poll_duration
+            .observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(()) => {
+                self.health.up.set(1);
+                if let Some(prev) = self.outage.take() {
+                    tracing::info!(previous_error = %prev, "gateway database reachable again");
+                }
+                self.ready = true;
+            }
+            Err(e) => {
+                self.health.up.set(0);
+                self.health.poll_errors.inc();
+                let msg = format!("{e:#}");
+                if self.outage.as_deref() != Some(msg.as_str()) {
+                    tracing::error!("poll failed: {msg}");
+                    self.outage = Some(msg);
+                }
+                // Reconnect on the next poll; collectors keep their state.
+                self.sources = None;
+            }
+        }
+        let now = SystemTime::now();
+        self.health.last_poll.set(
+            now.duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+        shared.publish(self.render(Some(now)));
+    }
+
+    fn render(&mut self, last_poll: Option<SystemTime>) -> Snapshot {
+        let mut families = Vec::new();
+        let mut flavor = None;
+        let mut cursor = 0;
+        if let Some(p) = &mut self.pipeline {
+            for (table, n) in std::mem::take(&mut p.ctx.rows_read) {
+                self.health.rows_read.with_label_values(&[table]).inc_by(n);
+            }
+            if self.ready {
+                for c in &p.collectors {
+                    c.render(&p.ctx, &mut families);
+                }
+            }
+            flavor = Some(p.ctx.schema.flavor);
+            cursor = p.ctx.logs_cursor;
+        }
+        self.health.cursor.set(cursor);
+        families.extend(self.health.registry.gather());
+        let mut text = String::new();
+        if let Err(e) = TextEncoder::new().encode_utf8(&families, &mut text) {
+            tracing::error!("encoding metrics failed: {e}");
+        }
+        Snapshot {
+            families,
+            text,
+            status: Status {
+                database: self.database.clone(),
+                flavor,
+                last_poll,
+                last_error: self.outage.clone(),
+                logs_cursor: cursor,
+                ready: self.ready,
+            },
+        }
+    }
+
+    /// Polls every `interval` until `stop` is set.
+    pub fn run(mut self, shared: Arc<Shared>, interval: Duration) {
+        shared.publish(self.render(None));
+        while !self.stop.load(Ordering::Relaxed) {
+            self.poll_once(&shared);
+            let next = Instant::now() + interval;
+            while Instant::now() < next && !self.stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50).min(interval));
+            }
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Wiring of the `serve` and `demo` commands: the poll thread, the HTTP server, and shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result};
+
+use crate::cli::{DbArgs, WebArgs};
+use crate::db::Sources;
+use crate::db::sqlite::SqliteDb;
+use crate::poller::{Connector, Poller, Shared};
+
+/// Opens the gateway's SQLite database on every (re)connect.
+pub fn sqlite_connector(path: PathBuf) -> Connector {
+    Box::new(move || Ok(Sources::new(Box::new(SqliteDb::open(&path)?), None)))
+}
+
+pub fn poller_for(db: &DbArgs, stop: Arc<AtomicBool>) -> Poller {
+    Poller::new(
+        sqlite_connector(db.sqlite_path.clone()),
+        format!("sqlite:{}", db.sqlite_path.display()),
+        db.chunk_rows,
+        stop,
+    )
+}
+
+/// Serves metrics until SIGINT or SIGTERM, then stops the poll thread and sets `stop`.
+pub async fn run(web: &WebArgs, poller: Poller, stop: Arc<AtomicBool>) -> Result<()> {
+    let shared = Arc::new(Shared::default());
+    let listener = tokio::net::TcpListener::bind(web.listen_address)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (--web.listen-address)",
+                web.listen_address
+            )
+        })?;
+    let interval = web.poll_interval;
+    let poll_shared = shared.clone();
+    let poll_thread = std::thread::Builder::new()
+        .name("poller".into())
+        .spawn(move || poller.run(poll_shared, interval))?;
+    let addr = listener.local_addr()?;
+    tracing::info!("listening on http://{addr}{}", web.telemetry_path);
+    let app = crate::web::router(shared, &web.telemetry_path);
+    let signal_stop = stop.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            signal_stop.store(true, Ordering::Relaxed);
+        })
+        .await?;
+    stop.store(true, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || poll_thread.join())
+        .await
+        .ok();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

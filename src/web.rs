@@ -1,0 +1,94 @@
+//! HTTP routes: the metrics endpoint, a landing page, and health/readiness probes.
+//!
+//! Handlers only read the last published snapshot; none touches the database.
+
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use html_escape::encode_text as esc;
+
+use crate::poller::Shared;
+
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+pub fn router(shared: Arc<Shared>, telemetry_path: &str) -> Router {
+    let metrics_path = telemetry_path.to_string();
+    Router::new()
+        .route(telemetry_path, get(metrics))
+        .route(
+            "/",
+            get(move |s: State<Arc<Shared>>| landing(s, metrics_path.clone())),
+        )
+        .route("/-/healthy", get(|| async { "OK\n" }))
+        .route("/-/ready", get(ready))
+        .with_state(shared)
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let snap = shared.snapshot();
+    ([(header::CONTENT_TYPE, TEXT_FORMAT)], snap.text.clone()).into_response()
+}
+
+async fn ready(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.snapshot().status.ready {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the first read of the gateway's database has not finished\n",
+        )
+            .into_response()
+    }
+}
+
+async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) -> Html<String> {
+    let snap = shared.snapshot();
+    let st = &snap.status;
+    let last_poll = st
+        .last_poll
+        .map(|t| {
+            let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(secs))
+                .to_string()
+        })
+        .unwrap_or_else(|| "not yet".into());
+    let result = match (&st.last_error, st.ready) {
+        (Some(e), _) => format!("<span class=bad>failed: {}</span>", esc(e)),
+        (None, true) => "<span class=ok>ok</span>".to_string(),
+        (None, false) => "reading the gateway's database for the first time".to_string(),
+    };
+    let flavor = st.flavor.map(|f| f.as_str()).unwrap_or("not detected yet");
+    Html(format!(
+        r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>newapi-exporter</title>
+<style>body{{font-family:sans-serif;margin:2em}} td{{padding:0 1em 0 0}} .ok{{color:#080}} .bad{{color:#b00}}</style>
+</head><body>
+<h1>newapi-exporter</h1>
+<p>Prometheus exporter for the new-api / one-api LLM gateway.</p>
+<table>
+<tr><td>Version</td><td>{version}</td></tr>
+<tr><td>Database</td><td>{database}</td></tr>
+<tr><td>Schema</td><td>{flavor}</td></tr>
+<tr><td>Last poll</td><td>{last_poll}</td></tr>
+<tr><td>Result</td><td>{result}</td></tr>
+<tr><td>Highest logs.id read</td><td>{cursor}</td></tr>
+</table>
+<ul>
+<li><a href="{metrics}">Metrics</a></li>
+<li><a href="/-/healthy">Health</a></li>
+<li><a href="/-/ready">Readiness</a></li>
+</ul>
+</body></html>
+"#,
+        version = env!("CARGO_PKG_VERSION"),
+        database = esc(&st.database),
+        flavor = esc(flavor),
+        cursor = st.logs_cursor,
+        metrics = html_escape::encode_double_quoted_attribute(&metrics_path),
+    ))
+}
