@@ -105,37 +105,6 @@ pub fn mask_password(dsn: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn masks_passwords_in_both_dsn_forms() {
-        assert_eq!(
-            mask_password("root:s3cr:et@tcp(db:3306)/newapi"),
-            "root:***@tcp(db:3306)/newapi"
-        );
-        assert_eq!(
-            mask_password("postgres://u:pw@host:5432/db?sslmode=require"),
-            "postgres://u:***@host:5432/db?sslmode=require"
-        );
-        assert_eq!(
-            mask_password("postgres://u@host/db"),
-            "postgres://u@host/db"
-        );
-        assert_eq!(mask_password("/data/one-api.db"), "/data/one-api.db");
-    }
-
-    #[test]
-    fn values_convert_without_panicking() {
-        assert_eq!(Value::Text(" 42 ".into()).as_i64(), Some(42));
-        assert_eq!(Value::Text("x".into()).as_i64(), None);
-        assert_eq!(Value::Real(f64::NAN).as_i64(), None);
-        assert_eq!(Value::Null.to_label(), "");
-        assert_eq!(Value::Int(7).to_label(), "7");
-    }
-}
-
 /// The gateway's databases: the main one, and the one holding `logs` when the gateway runs with
 /// `LOG_SQL_DSN` (otherwise `logs` lives in the main one too).
 pub struct Sources {
@@ -165,5 +134,36 @@ impl Sources {
             Some(logs) => format!("{} (logs: {})", self.main.describe(), logs.describe()),
             None => self.main.describe(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_passwords_in_both_dsn_forms() {
+        assert_eq!(
+            mask_password("root:s3cr:et@tcp(db:3306)/newapi"),
+            "root:***@tcp(db:3306)/newapi"
+        );
+        assert_eq!(
+            mask_password("postgres://u:pw@host:5432/db?sslmode=require"),
+            "postgres://u:***@host:5432/db?sslmode=require"
+        );
+        assert_eq!(
+            mask_password("postgres://u@host/db"),
+            "postgres://u@host/db"
+        );
+        assert_eq!(mask_password("/data/one-api.db"), "/data/one-api.db");
+    }
+
+    #[test]
+    fn values_convert_without_panicking() {
+        assert_eq!(Value::Text(" 42 ".into()).as_i64(), Some(42));
+        assert_eq!(Value::Text("x".into()).as_i64(), None);
+        assert_eq!(Value::Real(f64::NAN).as_i64(), None);
+        assert_eq!(Value::Null.to_label(), "");
+        assert_eq!(Value::Int(7).to_label(), "7");
     }
 }

@@ -1,0 +1,262 @@
+//! Helpers shared by the integration tests: a parser for the Prometheus text format written
+//! independently of the exporter's encoder, an in-process poll, and a launcher for the binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use newapi_exporter::poller::{Poller, Shared};
+use newapi_exporter::serve::sqlite_connector;
+
+pub type Labels = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Labels,
+    pub value: f64,
+}
+
+/// Parses the text exposition format, undoing label-value escapes (`\\`, `\"`, `\n`).
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let chars: Vec<char> = line.chars().collect();
+        let mut i = 0;
+        let mut name = String::new();
+        while i < chars.len() && chars[i] != '{' && chars[i] != ' ' {
+            name.push(chars[i]);
+            i += 1;
+        }
+        let mut labels = Labels::new();
+        if i < chars.len() && chars[i] == '{' {
+            i += 1;
+            loop {
+                if chars[i] == '}' {
+                    i += 1;
+                    break;
+                }
+                if chars[i] == ',' {
+                    i += 1;
+                    continue;
+                }
+                let mut key = String::new();
+                while chars[i] != '=' {
+                    key.push(chars[i]);
+                    i += 1;
+                }
+                i += 2; // ="
+                let mut val = String::new();
+                while chars[i] != '"' {
+                    if chars[i] == '\\' {
+                        i += 1;
+                        val.push(match chars[i] {
+                            'n' => '\n',
+                            c => c,
+                        });
+                    } else {
+                        val.push(chars[i]);
+                    }
+                    i += 1;
+                }
+                i += 1;
+                labels.insert(key, val);
+            }
+        }
+        let rest: String = chars[i..].iter().collect();
+        let value: f64 = rest
+            .split_whitespace()
+            .next()
+            .unwrap_or_else(|| panic!("no value on line {line:?}"))
+            .parse()
+            .unwrap_or_else(|e| panic!("bad value on line {line:?}: {e}"));
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// The series of one metric, by label set.
+pub fn series(samples: &[Sample], name: &str) -> BTreeMap<Labels, f64> {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .map(|s| (s.labels.clone(), s.value))
+        .collect()
+}
+
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// An exporter driven in-process: each `poll` is one poll of the real poller.
+pub struct InProcess {
+    poller: Poller,
+    pub shared: Shared,
+}
+
+impl InProcess {
+    pub fn new(db: &Path) -> Self {
+        Self::with_chunk(db, 1000)
+    }
+
+    pub fn with_chunk(db: &Path, chunk_rows: i64) -> Self {
+        let poller = Poller::new(
+            sqlite_connector(db.to_path_buf()),
+            db.display().to_string(),
+            chunk_rows,
+            Arc::new(AtomicBool::new(false)),
+        );
+        InProcess {
+            poller,
+            shared: Shared::default(),
+        }
+    }
+
+    /// Polls once and returns the parsed scrape.
+    pub fn poll(&mut self) -> Vec<Sample> {
+        self.poller.poll_once(&self.shared);
+        parse_metrics(&self.shared.snapshot().text)
+    }
+}
+
+/// True when this run is CI: there, a missing tool or service fails instead of skipping.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Whether `tool` can run. Missing in CI: panics. Missing elsewhere: prints why the test skips.
+pub fn require_tool(tool: &str, test: &str) -> bool {
+    let found = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        if in_ci() {
+            panic!("{tool} is required in CI (test {test}); .ci/run installs it");
+        }
+        eprintln!("SKIP {test}: {tool} is not installed (apt-get install prometheus); CI runs it");
+    }
+    found
+}
+
+/// The exporter binary running as a child process.
+pub struct Running {
+    pub child: Child,
+    pub addr: String,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl Running {
+    /// Starts `newapi-exporter ARGS --web.listen-address 127.0.0.1:0` and waits for it to listen.
+    pub fn start(args: &[&str]) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+            .args(args)
+            .args(["--web.listen-address", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting newapi-exporter");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("listening on http://").nth(1) {
+                        let addr = rest.split('/').next().unwrap().to_string();
+                        return Running {
+                            child,
+                            addr,
+                            stderr: rx,
+                        };
+                    }
+                    seen.push(line);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("exporter did not start listening; stderr: {seen:#?}");
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://{}{}", self.addr, path);
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let mut resp = agent.get(&url).call().expect("HTTP request");
+        let status = resp.status().as_u16();
+        (status, resp.body_mut().read_to_string().unwrap())
+    }
+
+    /// Waits until `/-/ready` answers 200.
+    pub fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.get("/-/ready").0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "exporter not ready in {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn scrape(&self) -> Vec<Sample> {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200);
+        parse_metrics(&body)
+    }
+
+    /// Stderr lines printed so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The usage counters, each as (metric name, oracle value column).
+pub const USAGE_COUNTERS: &[&str] = &[
+    "newapi_requests_total",
+    "newapi_quota_total",
+    "newapi_quota_corrections_total",
+    "newapi_use_time_seconds_total",
+    "newapi_refunds_total",
+    "newapi_refund_quota_total",
+    "newapi_errors_total",
+];

@@ -1,0 +1,244 @@
+//! The exporter as operators run it: the binary, over HTTP.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use newapi_exporter::demo;
+use rusqlite::Connection;
+
+fn demo_db(dir: &std::path::Path) -> std::path::PathBuf {
+    let db = dir.join("one-api.db");
+    demo::create(&db, Duration::from_secs(6 * 3600), 11).unwrap();
+    db
+}
+
+fn usage_series(samples: &[Sample]) -> Vec<Sample> {
+    let mut v: Vec<_> = samples
+        .iter()
+        .filter(|s| {
+            s.name.starts_with("newapi_")
+                && !s.name.starts_with("newapi_exporter_")
+                && s.name != "newapi_up"
+        })
+        .cloned()
+        .collect();
+    v.sort_by(|a, b| (&a.name, &a.labels).cmp(&(&b.name, &b.labels)));
+    v
+}
+
+#[test]
+fn a_restarted_exporter_reports_the_same_totals() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_db(dir.path());
+    let path = db.to_str().unwrap();
+    let first = Running::start(&["--sqlite-path", path, "--poll-interval", "1h"]);
+    first.wait_ready(Duration::from_secs(30));
+    let a = usage_series(&first.scrape());
+    drop(first);
+    let second = Running::start(&["serve", "--sqlite-path", path, "--db.chunk-rows", "333"]);
+    second.wait_ready(Duration::from_secs(30));
+    let b = usage_series(&second.scrape());
+    assert!(a.len() > 20, "expected many usage series, got {}", a.len());
+    assert_eq!(a, b);
+    let consume: i64 = Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT count(*) FROM logs WHERE type = 2", [], |r| r.get(0))
+        .unwrap();
+    let total: f64 = a
+        .iter()
+        .filter(|s| s.name == "newapi_requests_total")
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(total, consume as f64);
+}
+
+#[test]
+fn promtool_accepts_a_real_scrape() {
+    if !require_tool("promtool", "promtool_accepts_a_real_scrape") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_db(dir.path());
+    let exp = Running::start(&["--sqlite-path", db.to_str().unwrap()]);
+    exp.wait_ready(Duration::from_secs(30));
+    let (_, body) = exp.get("/metrics");
+    assert!(body.contains("newapi_requests_total{"));
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool failed: {said}");
+    assert_eq!(said.trim(), "", "promtool complained");
+}
+
+#[test]
+fn probes_and_landing_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_db(dir.path());
+    let exp = Running::start(&[
+        "--sqlite-path",
+        db.to_str().unwrap(),
+        "--web.telemetry-path",
+        "/prom",
+    ]);
+    assert_eq!(exp.get("/-/healthy").0, 200);
+    exp.wait_ready(Duration::from_secs(30));
+    let (status, body) = exp.get("/prom");
+    assert_eq!(status, 200);
+    assert!(body.contains("newapi_up 1"));
+    let (status, page) = exp.get("/");
+    assert_eq!(status, 200);
+    assert!(page.contains(env!("CARGO_PKG_VERSION")));
+    assert!(page.contains(&format!("sqlite:{}", db.display())));
+    assert!(page.contains("href=\"/prom\""));
+    assert!(page.contains("new-api"));
+}
+
+fn check(path: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+        .args(["check", "--sqlite-path", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_one_clear_line(stderr: &str, must_contain: &[&str]) {
+    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got {stderr:?}");
+    for s in must_contain {
+        assert!(lines[0].contains(s), "{:?} lacks {s:?}", lines[0]);
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_input_gives_one_clear_line_and_no_panic() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let missing = dir.path().join("nope.db");
+    let (ok, err) = check(&missing);
+    assert!(!ok);
+    assert_one_clear_line(&err, &["nope.db", "does not exist"]);
+
+    let text = dir.path().join("notes.txt");
+    std::fs::write(
+        &text,
+        "this is not a database, it is a text file\n".repeat(100),
+    )
+    .unwrap();
+    let (ok, err) = check(&text);
+    assert!(!ok);
+    assert_one_clear_line(&err, &["notes.txt", "is not a SQLite database"]);
+
+    let empty_db = dir.path().join("other.db");
+    Connection::open(&empty_db)
+        .unwrap()
+        .execute_batch("CREATE TABLE users (id integer)")
+        .unwrap();
+    let (ok, err) = check(&empty_db);
+    assert!(!ok);
+    assert_one_clear_line(&err, &["other.db", "table `logs` not found"]);
+
+    let no_quota = dir.path().join("broken.db");
+    Connection::open(&no_quota)
+        .unwrap()
+        .execute_batch("CREATE TABLE logs (id integer primary key, created_at integer, type integer, model_name text, prompt_tokens integer, completion_tokens integer)")
+        .unwrap();
+    let (ok, err) = check(&no_quota);
+    assert!(!ok);
+    assert_one_clear_line(&err, &["broken.db", "no column `quota`"]);
+
+    let good = demo_db(dir.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+        .args(["check", "--sqlite-path", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("schema:   new-api"));
+}
+
+#[test]
+fn serve_on_a_missing_database_keeps_serving_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("later.db");
+    let exp = Running::start(&[
+        "--sqlite-path",
+        db.to_str().unwrap(),
+        "--poll-interval",
+        "200ms",
+    ]);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(exp.get("/-/healthy").0, 200);
+    assert_eq!(exp.get("/-/ready").0, 503);
+    let s = exp.scrape();
+    assert_eq!(series(&s, "newapi_up").values().next(), Some(&0.0));
+    assert!(
+        series(&s, "newapi_exporter_poll_errors_total")
+            .values()
+            .next()
+            >= Some(&2.0)
+    );
+    let (_, page) = exp.get("/");
+    assert!(page.contains("does not exist"), "{page}");
+    let errors: Vec<_> = exp
+        .stderr_lines()
+        .into_iter()
+        .filter(|l| l.contains("ERROR"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error per outage, got {errors:#?}");
+
+    // The gateway creates its database: the exporter picks it up without a restart.
+    demo::create(&db, Duration::from_secs(3600), 5).unwrap();
+    exp.wait_ready(Duration::from_secs(10));
+    let s = exp.scrape();
+    assert_eq!(series(&s, "newapi_up").values().next(), Some(&1.0));
+    assert!(!series(&s, "newapi_requests_total").is_empty());
+}
+
+#[test]
+fn every_flag_in_help_is_in_the_readme() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    for sub in [&[][..], &["serve"][..], &["demo"][..], &["check"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+            .args(sub)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        for word in help.split_whitespace() {
+            let flag = word.trim_end_matches([',', '.']);
+            let flag = flag.split('=').next().unwrap();
+            let flag = flag.split('<').next().unwrap();
+            if flag.starts_with("--") && flag.len() > 2 {
+                assert!(
+                    readme.contains(flag),
+                    "{flag} (from `{} --help`) is not documented in README.md",
+                    sub.join(" ")
+                );
+            }
+        }
+    }
+}
