@@ -40,6 +40,70 @@ pub enum Command {
     /// Open the database, detect its schema, print what the exporter would read, and exit
     /// (non-zero on any problem).
     Check(DbArgs),
+    /// Compare what the gateway billed (logs) with what its dashboard recorded (quota_data),
+    /// per model and in total: requests, quota, tokens, newest time, missing, excess, lag.
+    Reconcile(ReconcileArgs),
+    /// Repair quota_data: add each settled hour's deficit the way the gateway would. Dry run
+    /// unless --apply. THE ONLY COMMAND THAT WRITES THE GATEWAY'S DATABASE (quota_data only;
+    /// logs is never touched).
+    Backfill(BackfillArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub range: RangeArgs,
+    /// Output format.
+    #[arg(long = "format", default_value = "table", value_name = "FORMAT")]
+    pub format: ReportFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BackfillArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub range: RangeArgs,
+    /// Write the additions (one transaction per hour). Without it, only print them.
+    #[arg(long = "apply")]
+    pub apply: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RangeArgs {
+    /// Start of the range: unix seconds or RFC 3339 (2025-10-21T16:32:00Z, or with an offset
+    /// such as +08:00). Default: all history.
+    #[arg(long = "since", value_name = "TIME", value_parser = parse_time)]
+    pub since: Option<i64>,
+    /// End of the range (exclusive), same forms. Default: the end of the current hour.
+    #[arg(long = "until", value_name = "TIME", value_parser = parse_time)]
+    pub until: Option<i64>,
+    /// Slack after hour end + DataExportInterval before an hour counts as settled (its
+    /// quota_data can no longer change).
+    #[arg(long = "reconcile.settle-margin", default_value = "5m", value_name = "DURATION",
+          value_parser = parse_duration)]
+    pub settle_margin: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WindowArgs {
+    /// Settled hours compared by the reconciliation gauges (newapi_quota_data_missing_*, ...).
+    #[arg(long = "reconcile.window", default_value = "24h", value_name = "DURATION",
+          value_parser = parse_duration)]
+    pub window: Duration,
+    /// Slack after hour end + DataExportInterval before an hour counts as settled.
+    #[arg(long = "reconcile.settle-margin", default_value = "5m", value_name = "DURATION",
+          value_parser = parse_duration)]
+    pub settle_margin: Duration,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -51,7 +115,7 @@ pub struct LogArgs {
         default_value = "info",
         value_name = "LEVEL"
     )]
-    pub level: tracing::Level,
+    pub log_level: tracing::Level,
 
     /// Log format.
     #[arg(
@@ -60,7 +124,7 @@ pub struct LogArgs {
         default_value = "text",
         value_name = "FORMAT"
     )]
-    pub format: LogFormat,
+    pub log_format: LogFormat,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +175,8 @@ pub struct ServeArgs {
     pub db: DbArgs,
     #[command(flatten)]
     pub web: WebArgs,
+    #[command(flatten)]
+    pub window: WindowArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -130,6 +196,39 @@ pub struct DemoArgs {
 
     #[command(flatten)]
     pub web: WebArgs,
+    #[command(flatten)]
+    pub window: WindowArgs,
+}
+
+/// Unix seconds, or RFC 3339 with `Z` or a numeric offset.
+pub fn parse_time(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    let bad = |e: &dyn std::fmt::Display| {
+        format!("{s:?} is neither unix seconds nor an RFC 3339 time like 2025-10-21T16:32:00Z: {e}")
+    };
+    // humantime reads UTC only; a numeric offset is applied by hand.
+    let (base, offset) = match s
+        .len()
+        .checked_sub(6)
+        .filter(|&i| s.is_char_boundary(i))
+        .map(|i| s.split_at(i)) {
+        Some((b, o)) if (o.starts_with('+') || o.starts_with('-')) && o.as_bytes()[3] == b':' => {
+            let h: i64 = o[1..3].parse().map_err(|e| bad(&e))?;
+            let m: i64 = o[4..6].parse().map_err(|e| bad(&e))?;
+            let sign = if o.starts_with('-') { -1 } else { 1 };
+            (format!("{b}Z"), sign * (h * 3600 + m * 60))
+        }
+        _ => (s.to_string(), 0),
+    };
+    let t = humantime::parse_rfc3339(&base).map_err(|e| bad(&e))?;
+    let secs = match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    };
+    Ok(secs - offset)
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -139,6 +238,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("the duration must be greater than zero".into());
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time;
+
+    #[test]
+    fn times_parse_in_every_documented_form() {
+        assert_eq!(parse_time("1761064320"), Ok(1761064320));
+        assert_eq!(parse_time("2025-10-21T16:32:00Z"), Ok(1761064320));
+        assert_eq!(parse_time("2025-10-22T00:32:00+08:00"), Ok(1761064320));
+        assert_eq!(parse_time("2025-10-21T11:32:00-05:00"), Ok(1761064320));
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("2025-10-21T16:32:00+0x:00").is_err());
+    }
 }
 
 fn parse_telemetry_path(s: &str) -> Result<String, String> {

@@ -5,18 +5,22 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Result;
 use clap::Parser;
 
-use newapi_exporter::cli::{Cli, Command, DbArgs, DemoArgs, LogArgs, LogFormat, ServeArgs};
+use newapi_exporter::cli::{
+    BackfillArgs, Cli, Command, DbArgs, DemoArgs, LogArgs, LogFormat, RangeArgs, ReconcileArgs,
+    ServeArgs,
+};
 use newapi_exporter::db::Sources;
 use newapi_exporter::db::sqlite::SqliteDb;
+use newapi_exporter::reconcile::{self, HOUR, Report, hour_of};
 use newapi_exporter::schema::Schema;
-use newapi_exporter::{demo, serve};
+use newapi_exporter::{backfill, demo, poller, report, serve};
 
 fn init_logging(log: &LogArgs) {
     let builder = tracing_subscriber::fmt()
-        .with_max_level(log.level)
+        .with_max_level(log.log_level)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match log.format {
+    match log.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
@@ -30,6 +34,8 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => run_serve(args),
         Some(Command::Demo(args)) => run_demo(args),
         Some(Command::Check(args)) => run_check(&args),
+        Some(Command::Reconcile(args)) => run_reconcile(&args),
+        Some(Command::Backfill(args)) => run_backfill(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -49,7 +55,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn run_serve(args: ServeArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
-    let poller = serve::poller_for(&args.db, stop.clone());
+    let poller = serve::poller_for(&args.db, &args.window, stop.clone());
     runtime()?.block_on(serve::run(&args.web, poller, stop))
 }
 
@@ -66,7 +72,7 @@ fn run_demo(args: DemoArgs) -> Result<()> {
         sqlite_path: args.db.clone(),
         chunk_rows: 20_000,
     };
-    let poller = serve::poller_for(&db, stop.clone());
+    let poller = serve::poller_for(&db, &args.window, stop.clone());
     tracing::info!(
         "demo gateway writing {rate} requests/s into {}",
         args.db.display()
@@ -105,5 +111,79 @@ fn run_check(args: &DbArgs) -> Result<()> {
             .map(|v| v.to_label())
             .unwrap_or_default()
     );
+    Ok(())
+}
+
+fn open_sqlite(db: &DbArgs) -> Result<Sources> {
+    Ok(Sources::new(Box::new(SqliteDb::open(&db.sqlite_path)?), None))
+}
+
+/// Reconciles the requested range (default: all history up to the end of the current hour).
+fn reconcile_range(src: &mut Sources, db: &DbArgs, range: &RangeArgs) -> Result<Report> {
+    let since = range.since.unwrap_or(0);
+    let until = range
+        .until
+        .unwrap_or_else(|| hour_of(poller::unix_now()) + HOUR);
+    anyhow::ensure!(
+        since < until,
+        "--since ({since}) must be before --until ({until})"
+    );
+    reconcile::run_once(
+        src,
+        since,
+        until,
+        range.settle_margin.as_secs() as i64,
+        db.chunk_rows,
+    )
+}
+
+fn run_reconcile(args: &ReconcileArgs) -> Result<()> {
+    let mut src = open_sqlite(&args.db)?;
+    let r = reconcile_range(&mut src, &args.db, &args.range)?;
+    print!("{}", report::render(&r, args.format));
+    Ok(())
+}
+
+fn run_backfill(args: &BackfillArgs) -> Result<()> {
+    let mut src = open_sqlite(&args.db)?;
+    let r = reconcile_range(&mut src, &args.db, &args.range)?;
+    if r.until > r.settled_until {
+        println!(
+            "hours from {} on are not settled yet (the gateway may still flush them until hour end + \
+             DataExportInterval + the margin): left alone",
+            report::rfc3339(r.settled_until)
+        );
+    }
+    let fixes = backfill::plan(&mut src, &r)?;
+    drop(src);
+    if fixes.is_empty() {
+        println!("nothing to write: quota_data has no deficit in the settled hours of this range");
+        return Ok(());
+    }
+    println!("hour                  user_id  username  model  +requests  +quota  +tokens");
+    for f in &fixes {
+        println!(
+            "{}  {}  {:?}  {:?}  +{}  +{}  +{}",
+            report::rfc3339(f.hour),
+            f.user_id,
+            f.username,
+            f.model,
+            f.requests,
+            f.quota,
+            f.tokens
+        );
+    }
+    let (req, quota): (i64, i64) = fixes
+        .iter()
+        .fold((0, 0), |a, f| (a.0 + f.requests, a.1 + f.quota));
+    if !args.apply {
+        println!(
+            "dry run: would add {req} requests and {quota} quota in {} rows; run again with --apply to write",
+            fixes.len()
+        );
+        return Ok(());
+    }
+    let written = backfill::apply_sqlite(&args.db.sqlite_path, &fixes)?;
+    println!("wrote {written} quota_data rows: added {req} requests and {quota} quota");
     Ok(())
 }

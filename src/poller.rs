@@ -16,8 +16,10 @@ use prometheus::{
 };
 
 use crate::collect::{
-    Collector, Context, channels::ChannelsCollector, logs::LogsCollector, options::OptionsCollector,
+    Collector, Context, Settings, channels::ChannelsCollector, logs::LogsCollector,
+    options::OptionsCollector, quota_data::QuotaDataCollector,
 };
+use crate::reconcile::{ReconcileCollector, Report};
 use crate::db::Sources;
 use crate::schema::{Flavor, Schema};
 
@@ -33,6 +35,8 @@ pub struct Status {
     pub last_error: Option<String>,
     pub logs_cursor: i64,
     pub ready: bool,
+    /// The reconciliation over the window; `None` on one-api (no quota_data).
+    pub report: Option<Report>,
 }
 
 /// Everything a scrape serves, built once per poll.
@@ -146,10 +150,35 @@ impl Health {
     }
 }
 
-/// Connected state: the open databases plus the collectors built for their schema.
-struct Pipeline {
-    collectors: Vec<Box<dyn Collector>>,
-    ctx: Context,
+/// The collectors built for one database's schema, and the context they share.
+pub struct Pipeline {
+    pub collectors: Vec<Box<dyn Collector>>,
+    pub ctx: Context,
+}
+
+impl Pipeline {
+    /// One poll at time `now`: every collector runs even when another fails; the first error
+    /// is returned.
+    pub fn poll(&mut self, src: &mut Sources, now: i64) -> Result<()> {
+        self.ctx.now = now;
+        let mut first_err = None;
+        for c in &mut self.collectors {
+            if let Err(e) = c.poll(src, &mut self.ctx) {
+                let e = e.context(format!("collector {}", c.name()));
+                if first_err.is_none() {
+                    first_err = Some(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64
 }
 
 pub struct Poller {
@@ -157,7 +186,7 @@ pub struct Poller {
     sources: Option<Sources>,
     pipeline: Option<Pipeline>,
     health: Health,
-    chunk_rows: i64,
+    settings: Settings,
     stop: Arc<AtomicBool>,
     database: String,
     outage: Option<String>,
@@ -168,7 +197,7 @@ impl Poller {
     pub fn new(
         connect: Connector,
         database: String,
-        chunk_rows: i64,
+        settings: Settings,
         stop: Arc<AtomicBool>,
     ) -> Self {
         Poller {
@@ -176,7 +205,7 @@ impl Poller {
             sources: None,
             pipeline: None,
             health: Health::new(),
-            chunk_rows,
+            settings,
             stop,
             database,
             outage: None,
@@ -184,9 +213,10 @@ impl Poller {
         }
     }
 
-    fn build_pipeline(
+    /// Detects the schema and builds the collectors for it, in dependency order.
+    pub fn build_pipeline(
         src: &mut Sources,
-        chunk_rows: i64,
+        settings: Settings,
         stop: Arc<AtomicBool>,
     ) -> Result<Pipeline> {
         let schema = Schema::detect(src)?;
@@ -196,14 +226,20 @@ impl Poller {
             "gateway schema detected"
         );
         let dialect = src.logs().dialect();
-        let collectors: Vec<Box<dyn Collector>> = vec![
+        let mut collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(OptionsCollector::default()),
             Box::new(ChannelsCollector::default()),
-            Box::new(LogsCollector::new(&schema, dialect)),
         ];
+        if schema.quota_data.is_some() {
+            collectors.push(Box::new(QuotaDataCollector::new(src.main().dialect())));
+        }
+        collectors.push(Box::new(LogsCollector::new(&schema, dialect)));
+        if schema.quota_data.is_some() {
+            collectors.push(Box::new(ReconcileCollector::default()));
+        }
         Ok(Pipeline {
             collectors,
-            ctx: Context::new(schema, chunk_rows, stop),
+            ctx: Context::new(schema, settings, stop),
         })
     }
 
@@ -216,21 +252,14 @@ impl Poller {
         if self.pipeline.is_none() {
             self.pipeline = Some(Self::build_pipeline(
                 src,
-                self.chunk_rows,
+                self.settings,
                 self.stop.clone(),
             )?);
         }
-        let p = self.pipeline.as_mut().expect("built above");
-        let mut first_err = None;
-        for c in &mut p.collectors {
-            if let Err(e) = c.poll(src, &mut p.ctx) {
-                let e = e.context(format!("collector {}", c.name()));
-                if first_err.is_none() {
-                    first_err = Some(e);
-                }
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        self.pipeline
+            .as_mut()
+            .expect("built above")
+            .poll(src, unix_now())
     }
 
     /// Runs one poll and publishes the resulting snapshot.
@@ -273,6 +302,7 @@ impl Poller {
         let mut families = Vec::new();
         let mut flavor = None;
         let mut cursor = 0;
+        let mut report = None;
         if let Some(p) = &mut self.pipeline {
             for (table, n) in std::mem::take(&mut p.ctx.rows_read) {
                 self.health.rows_read.with_label_values(&[table]).inc_by(n);
@@ -283,6 +313,7 @@ impl Poller {
                 }
             }
             flavor = Some(p.ctx.schema.flavor);
+            report = p.ctx.report.clone();
             cursor = p.ctx.logs_cursor;
         }
         self.health.cursor.set(cursor);
@@ -301,6 +332,7 @@ impl Poller {
                 last_error: self.outage.clone(),
                 logs_cursor: cursor,
                 ready: self.ready,
+                report,
             },
         }
     }

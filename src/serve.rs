@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 
-use crate::cli::{DbArgs, WebArgs};
+use crate::cli::{DbArgs, WebArgs, WindowArgs};
+use crate::collect::Settings;
 use crate::db::Sources;
 use crate::db::sqlite::SqliteDb;
 use crate::poller::{Connector, Poller, Shared};
@@ -16,11 +17,17 @@ pub fn sqlite_connector(path: PathBuf) -> Connector {
     Box::new(move || Ok(Sources::new(Box::new(SqliteDb::open(&path)?), None)))
 }
 
-pub fn poller_for(db: &DbArgs, stop: Arc<AtomicBool>) -> Poller {
+pub fn poller_for(db: &DbArgs, window: &WindowArgs, stop: Arc<AtomicBool>) -> Poller {
+    let settings = Settings {
+        chunk_rows: db.chunk_rows,
+        window_secs: window.window.as_secs() as i64,
+        settle_margin_secs: window.settle_margin.as_secs() as i64,
+        fixed_range: None,
+    };
     Poller::new(
         sqlite_connector(db.sqlite_path.clone()),
         format!("sqlite:{}", db.sqlite_path.display()),
-        db.chunk_rows,
+        settings,
         stop,
     )
 }

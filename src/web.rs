@@ -63,6 +63,7 @@ async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) -> Htm
         (None, false) => "reading the gateway's database for the first time".to_string(),
     };
     let flavor = st.flavor.map(|f| f.as_str()).unwrap_or("not detected yet");
+    let recording = recording_section(st);
     Html(format!(
         r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>newapi-exporter</title>
@@ -78,6 +79,7 @@ async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) -> Htm
 <tr><td>Result</td><td>{result}</td></tr>
 <tr><td>Highest logs.id read</td><td>{cursor}</td></tr>
 </table>
+{recording}
 <ul>
 <li><a href="{metrics}">Metrics</a></li>
 <li><a href="/-/healthy">Health</a></li>
@@ -89,6 +91,48 @@ async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) -> Htm
         database = esc(&st.database),
         flavor = esc(flavor),
         cursor = st.logs_cursor,
+        recording = recording,
         metrics = html_escape::encode_double_quoted_attribute(&metrics_path),
     ))
+}
+
+/// The logs-versus-quota_data comparison over the reconciliation window.
+fn recording_section(st: &crate::poller::Status) -> String {
+    use crate::report::{self, rfc3339};
+    let Some(r) = &st.report else {
+        return match st.flavor {
+            Some(crate::schema::Flavor::OneApi) => "<h2>Recording health</h2>\n<p>Not available: \
+                this database was written by one-api, which has no quota_data table (the dashboard \
+                export is a new-api feature), so there is nothing to reconcile.</p>"
+                .to_string(),
+            _ => String::new(),
+        };
+    };
+    let mut html = format!(
+        "<h2>Recording health: logs against quota_data</h2>\n<p>Hours {} to {}; missing and excess \
+         count settled hours (before {}). quota_data lag: {} s.</p>\n<table border=1 cellspacing=0>\n<tr>",
+        esc(&rfc3339(r.since)),
+        esc(&rfc3339(r.until)),
+        esc(&rfc3339(r.settled_until)),
+        r.lag_seconds
+    );
+    for h in report::HEADERS {
+        html.push_str(&format!("<th>{}</th>", h.replace('_', " ")));
+    }
+    html.push_str("</tr>\n");
+    let has_missing = r
+        .models
+        .iter()
+        .map(|m| &m.cmp)
+        .chain([&r.totals])
+        .map(|c| c.missing.requests > 0 || c.missing.quota > 0);
+    for (row, missing) in report::rows(r, rfc3339).into_iter().zip(has_missing) {
+        html.push_str(if missing { "<tr class=bad>" } else { "<tr>" });
+        for c in &row {
+            html.push_str(&format!("<td>{}</td>", esc(c)));
+        }
+        html.push_str("</tr>\n");
+    }
+    html.push_str("</table>\n");
+    html
 }

@@ -59,46 +59,66 @@ const C_TYPE: usize = 0;
 const C_MODEL: usize = 1;
 const C_CHANNEL: usize = 2;
 const C_GROUP: usize = 3;
-const C_ROWS: usize = 4;
-const C_QUOTA_POS: usize = 5;
-const C_QUOTA_NEG: usize = 6;
-const C_PROMPT: usize = 7;
-const C_COMPLETION: usize = 8;
-const C_USE_TIME: usize = 9;
+const C_HOUR: usize = 4;
+const C_USER: usize = 5;
+const C_UNMIRRORED: usize = 6;
+const C_ROWS: usize = 7;
+const C_QUOTA_POS: usize = 8;
+const C_QUOTA_NEG: usize = 9;
+const C_PROMPT: usize = 10;
+const C_COMPLETION: usize = 11;
+const C_USE_TIME: usize = 12;
+const C_QUOTA: usize = 13;
+const C_FIRST: usize = 14;
+const C_LATEST: usize = 15;
 
 impl LogsCollector {
     pub fn new(schema: &Schema, dialect: crate::db::Dialect) -> Self {
         let cols = &schema.logs;
         let d = dialect;
-        let model = d.ident("model_name");
-        let channel = cols.or(d, "channel_id", "NULL");
-        let group = cols.or(d, "group", "NULL");
-        let use_time = cols.or(d, "use_time", "0");
+        let ty = d.ident("type");
+        let created = d.ident("created_at");
         let quota = d.ident("quota");
-        let mut group_by = vec![d.ident("type"), model.clone()];
-        for c in ["channel_id", "group"] {
-            if cols.has(c) {
-                group_by.push(d.ident(c));
-            }
-        }
+        let prompt = d.ident("prompt_tokens");
+        let completion = d.ident("completion_tokens");
+        // Rows inside the reconciliation's hour range (two `?` each) also keep their hour and
+        // user; older rows collapse into one NULL bucket so the cold start stays cheap.
+        let in_range = format!("{created} >= ? AND {created} < ?");
+        // Async task settlement rows (no tokens, no request id, `pre_consumed_quota` in other)
+        // never reach quota_data by design.
+        let unmirrored = if cols.has("other") && cols.has("request_id") {
+            format!(
+                "CASE WHEN {ty} = 2 AND {prompt} = 0 AND {completion} = 0 AND COALESCE({rid}, '') = '' \
+                 AND {other} LIKE '%pre_consumed_quota%' THEN 1 ELSE 0 END",
+                rid = d.ident("request_id"),
+                other = d.ident("other"),
+            )
+        } else {
+            "0".to_string()
+        };
+        // Parameters, in order: hour range, hour range, id range.
         let range_sql = format!(
-            "SELECT {ty}, {model}, {channel}, {group}, COUNT(*), {pos}, {neg}, {prompt}, {completion}, {use_time} \
-             FROM logs WHERE {id} BETWEEN ? AND ? GROUP BY {group_by}",
-            ty = d.ident("type"),
+            "SELECT {ty}, {model}, {channel}, {group}, \
+               CASE WHEN {in_range} THEN {created} - {created} % 3600 ELSE NULL END, \
+               CASE WHEN {in_range} THEN {user} ELSE NULL END, \
+               {unmirrored}, COUNT(*), {pos}, {neg}, {sum_prompt}, {sum_completion}, {use_time}, \
+               {sum_quota}, MIN({created}), MAX({created}) \
+             FROM logs WHERE {id} BETWEEN ? AND ? GROUP BY 1, 2, 3, 4, 5, 6, 7",
+            model = d.ident("model_name"),
+            channel = cols.or(d, "channel_id", "NULL"),
+            group = cols.or(d, "group", "NULL"),
+            user = cols.or(d, "user_id", "0"),
             pos = d.sum_int(&format!("CASE WHEN {quota} > 0 THEN {quota} ELSE 0 END")),
             neg = d.sum_int(&format!("CASE WHEN {quota} < 0 THEN -{quota} ELSE 0 END")),
-            prompt = d.sum_int(&d.ident("prompt_tokens")),
-            completion = d.sum_int(&d.ident("completion_tokens")),
-            use_time = d.sum_int(&use_time),
+            sum_prompt = d.sum_int(&prompt),
+            sum_completion = d.sum_int(&completion),
+            use_time = d.sum_int(&cols.or(d, "use_time", "0")),
+            sum_quota = d.sum_int(&quota),
             id = d.ident("id"),
-            group_by = group_by.join(", "),
         );
         LogsCollector {
             range_sql,
-            next_id_sql: format!(
-                "SELECT MIN({id}) FROM logs WHERE {id} > ?",
-                id = d.ident("id")
-            ),
+            next_id_sql: format!("SELECT MIN({id}) FROM logs WHERE {id} > ?", id = d.ident("id")),
             max_id_sql: format!("SELECT MAX({id}) FROM logs", id = d.ident("id")),
             errors_and_refunds: schema.flavor.has_error_and_refund_logs(),
             has_use_time: cols.has("use_time"),
@@ -107,7 +127,8 @@ impl LogsCollector {
         }
     }
 
-    fn apply(&mut self, row: &[Value]) -> u64 {
+    /// Folds one aggregated group into the counters and the per-hour recording state.
+    fn apply(&mut self, row: &[Value], ctx: &mut Context) -> u64 {
         let int = |i: usize| row.get(i).and_then(Value::as_i64).unwrap_or(0);
         // Sums are never negative by construction; clamp anyway so bad data cannot wrap.
         let uint = |i: usize| int(i).max(0) as u64;
@@ -119,8 +140,36 @@ impl LogsCollector {
         if !counted {
             return rows;
         }
+        let model = label(C_MODEL);
+        if ty == TYPE_CONSUME {
+            let (first, latest) = (int(C_FIRST), int(C_LATEST));
+            let rec = &mut ctx.recording;
+            let unmirrored = int(C_UNMIRRORED) != 0;
+            if !unmirrored {
+                let t = rec
+                    .logs_model_times
+                    .entry(model.clone())
+                    .or_insert((first, latest));
+                t.0 = t.0.min(first);
+                t.1 = t.1.max(latest);
+            }
+            if let Some(hour) = row.get(C_HOUR).and_then(Value::as_i64) {
+                let h = rec
+                    .logs_hourly
+                    .entry((hour, int(C_USER), model.clone()))
+                    .or_default();
+                let n = rows as i64;
+                if unmirrored {
+                    h.unmirrored_requests += n;
+                    h.unmirrored_quota += int(C_QUOTA);
+                } else {
+                    let tokens = int(C_PROMPT) + int(C_COMPLETION);
+                    h.add_mirrored(n, int(C_QUOTA), tokens, first, latest);
+                }
+            }
+        }
         let key = UsageKey {
-            model: label(C_MODEL),
+            model,
             channel_id: label(C_CHANNEL),
             group: label(C_GROUP),
         };
@@ -178,11 +227,14 @@ impl Collector for LogsCollector {
             if lo > top {
                 break;
             }
-            let hi = lo.saturating_add(ctx.chunk_rows - 1).min(top);
-            let groups = db.query(&self.range_sql, &[Value::Int(lo), Value::Int(hi)])?;
+            let hi = lo.saturating_add(ctx.chunk_rows() - 1).min(top);
+            let (from, until) = ctx.hourly_range();
+            let (from, until) = (Value::Int(from), Value::Int(until));
+            let params = [from.clone(), until.clone(), from, until, Value::Int(lo), Value::Int(hi)];
+            let groups = db.query(&self.range_sql, &params)?;
             let mut read = 0;
             for g in &groups {
-                read += self.apply(g);
+                read += self.apply(g, ctx);
             }
             ctx.count_rows("logs", read);
             self.cursor = hi;

@@ -8,6 +8,7 @@
 pub mod channels;
 pub mod logs;
 pub mod options;
+pub mod quota_data;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -17,7 +18,33 @@ use anyhow::Result;
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 
 use crate::db::Sources;
+use crate::reconcile::{HOUR, Recording, Report, hour_of};
 use crate::schema::Schema;
+
+/// How the recording health is judged.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Largest number of rows one statement may cover (a primary-key range).
+    pub chunk_rows: i64,
+    /// Settled hours compared by the reconciliation gauges.
+    pub window_secs: i64,
+    /// Slack after hour end + `DataExportInterval` before an hour counts as settled.
+    pub settle_margin_secs: i64,
+    /// A fixed `[since, until)` range (the `reconcile` and `backfill` commands) instead of the
+    /// sliding window.
+    pub fixed_range: Option<(i64, i64)>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            chunk_rows: 20_000,
+            window_secs: 24 * HOUR,
+            settle_margin_secs: 300,
+            fixed_range: None,
+        }
+    }
+}
 
 /// Gateway settings from the `options` table; a missing row means the gateway's default.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,23 +75,68 @@ pub struct Context {
     pub options: GatewayOptions,
     /// Rows read this poll, by table, for `newapi_exporter_rows_read_total`.
     pub rows_read: BTreeMap<&'static str, u64>,
-    /// Largest number of rows one statement may cover (a primary-key range).
-    pub chunk_rows: i64,
+    pub settings: Settings,
     /// Highest `logs.id` ingested, kept by the logs collector.
     pub logs_cursor: i64,
+    /// Per-hour aggregates of logs and quota_data, kept by their collectors.
+    pub recording: Recording,
+    /// The last reconciliation, for the landing page.
+    pub report: Option<Report>,
+    /// Unix time of the current poll.
+    pub now: i64,
     stop: Arc<AtomicBool>,
 }
 
 impl Context {
-    pub fn new(schema: Schema, chunk_rows: i64, stop: Arc<AtomicBool>) -> Self {
+    pub fn new(schema: Schema, mut settings: Settings, stop: Arc<AtomicBool>) -> Self {
+        settings.chunk_rows = settings.chunk_rows.max(1);
         Context {
             schema,
             channel_names: HashMap::new(),
             options: GatewayOptions::default(),
             rows_read: BTreeMap::new(),
-            chunk_rows: chunk_rows.max(1),
+            settings,
             logs_cursor: 0,
+            recording: Recording::default(),
+            report: None,
+            now: 0,
             stop,
+        }
+    }
+
+    pub fn chunk_rows(&self) -> i64 {
+        self.settings.chunk_rows
+    }
+
+    /// End of the newest settled hour: every hour ending at or before it has had its last
+    /// flush (hour end + `DataExportInterval` + margin is in the past).
+    pub fn settled_until(&self) -> i64 {
+        hour_of(
+            self.now
+                - self.options.data_export_interval_seconds
+                - self.settings.settle_margin_secs,
+        )
+    }
+
+    /// The `[since, until)` range the reconciliation reports on.
+    pub fn window(&self) -> (i64, i64) {
+        match self.settings.fixed_range {
+            Some(r) => r,
+            None => {
+                let until = self.settled_until();
+                (until - self.settings.window_secs, until)
+            }
+        }
+    }
+
+    /// Hours whose per-hour aggregates are kept: the window plus an hour on each side for
+    /// netting; with the sliding window, every newer hour too (it becomes settled later).
+    pub fn hourly_range(&self) -> (i64, i64) {
+        let (since, until) = self.window();
+        let since = hour_of(since) - HOUR;
+        match self.settings.fixed_range {
+            Some(_) => (since, until.saturating_add(HOUR)),
+            None => (since, i64::MAX),
         }
     }
 

@@ -102,5 +102,20 @@ impl Collector for OptionsCollector {
         );
         f.sample(&[], ctx.options.quota_per_unit);
         f.finish(out);
+        if ctx.schema.quota_data.is_none() {
+            return; // one-api: no dashboard export to describe
+        }
+        let mut f = Family::gauge(
+            "newapi_quota_data_export_enabled",
+            "1 when the gateway writes quota_data (options.DataExportEnabled, default true), else 0.",
+        );
+        f.sample(&[], if ctx.options.data_export_enabled { 1.0 } else { 0.0 });
+        f.finish(out);
+        let mut f = Family::gauge(
+            "newapi_quota_data_export_interval_seconds",
+            "How often each gateway node flushes its quota_data map (options.DataExportInterval, default 5 minutes).",
+        );
+        f.sample(&[], ctx.options.data_export_interval_seconds as f64);
+        f.finish(out);
     }
 }

@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use newapi_exporter::collect::Settings;
 use newapi_exporter::poller::{Poller, Shared};
 use newapi_exporter::serve::sqlite_connector;
 
@@ -116,10 +117,20 @@ impl InProcess {
     }
 
     pub fn with_chunk(db: &Path, chunk_rows: i64) -> Self {
+        Self::with_settings(
+            db,
+            Settings {
+                chunk_rows,
+                ..Settings::default()
+            },
+        )
+    }
+
+    pub fn with_settings(db: &Path, settings: Settings) -> Self {
         let poller = Poller::new(
             sqlite_connector(db.to_path_buf()),
             db.display().to_string(),
-            chunk_rows,
+            settings,
             Arc::new(AtomicBool::new(false)),
         );
         InProcess {

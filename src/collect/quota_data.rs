@@ -1,0 +1,268 @@
+//! The dashboard's own view, from `quota_data`: requests, quota and tokens per model, and the
+//! per-hour rows the reconciliation compares with `logs`.
+//!
+//! The gateway increments rows in place, so an id cursor alone misses changes. Hours inside
+//! the reconciliation range (the window, and everything newer) are re-read every poll through
+//! the `created_at` index; the cost follows the recent hours, not the table. Older hours are
+//! frozen: read once at start-up in primary-key chunks, plus any row inserted there later
+//! (found through the id cursor). An increment to a frozen hour after start-up (a very late
+//! flush) shows in the counters after the next restart.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::Result;
+use prometheus::proto::MetricFamily;
+
+use super::{Collector, Context, Family};
+use crate::db::{Sources, Value};
+use crate::reconcile::{HOUR, QdHour, hour_of};
+
+/// Hours re-read by one statement.
+const LIVE_CHUNK_HOURS: i64 = 6;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Totals {
+    requests: i64,
+    quota: i64,
+    tokens: i64,
+}
+
+impl Totals {
+    fn add(&mut self, o: &Totals) {
+        self.requests += o.requests;
+        self.quota += o.quota;
+        self.tokens += o.tokens;
+    }
+
+    fn max(&self, o: &Totals) -> Totals {
+        Totals {
+            requests: self.requests.max(o.requests),
+            quota: self.quota.max(o.quota),
+            tokens: self.tokens.max(o.tokens),
+        }
+    }
+}
+
+/// (hour, user_id, username, model): the gateway's map key, one row per key when healthy.
+type RowKey = (i64, i64, String, String);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct LiveRow {
+    rows: i64,
+    totals: Totals,
+}
+
+pub struct QuotaDataCollector {
+    frozen_sql: String,
+    live_sql: String,
+    max_id_sql: String,
+    bounds_sql: String,
+    next_id_sql: String,
+    started: bool,
+    /// Hours before this are frozen.
+    frozen_below: i64,
+    cursor: i64,
+    frozen: HashMap<String, Totals>,
+    frozen_newest_hour: HashMap<String, i64>,
+    live: BTreeMap<RowKey, LiveRow>,
+    /// What the counters last showed: they never go down, even if a row does.
+    emitted: BTreeMap<String, Totals>,
+}
+
+impl QuotaDataCollector {
+    pub fn new(dialect: crate::db::Dialect) -> Self {
+        let d = dialect;
+        let (id, created, model) = (d.ident("id"), d.ident("created_at"), d.ident("model_name"));
+        let sums = format!(
+            "COUNT(*), {}, {}, {}",
+            d.sum_int(&d.ident("count")),
+            d.sum_int(&d.ident("quota")),
+            d.sum_int(&d.ident("token_used")),
+        );
+        QuotaDataCollector {
+            // Parameters: id range, frozen boundary.
+            frozen_sql: format!(
+                "SELECT {model}, {sums}, MAX({created}) FROM quota_data \
+                 WHERE {id} BETWEEN ? AND ? AND {created} < ? GROUP BY 1"
+            ),
+            // Parameters: created_at range.
+            live_sql: format!(
+                "SELECT {created}, {user}, {username}, {model}, {sums} FROM quota_data \
+                 WHERE {created} >= ? AND {created} < ? GROUP BY 1, 2, 3, 4",
+                user = d.ident("user_id"),
+                username = d.ident("username"),
+            ),
+            max_id_sql: format!("SELECT MAX({id}) FROM quota_data"),
+            next_id_sql: format!("SELECT MIN({id}) FROM quota_data WHERE {id} > ?"),
+            bounds_sql: format!("SELECT MIN({created}), MAX({created}) FROM quota_data WHERE {created} >= ?"),
+            started: false,
+            frozen_below: i64::MIN,
+            cursor: 0,
+            frozen: HashMap::new(),
+            frozen_newest_hour: HashMap::new(),
+            live: BTreeMap::new(),
+            emitted: BTreeMap::new(),
+        }
+    }
+
+    /// Reads rows of frozen hours with ids in `(self.cursor, top]`, in chunks.
+    fn read_frozen(&mut self, db: &mut dyn crate::db::Database, top: i64, ctx: &mut Context) -> Result<()> {
+        while self.cursor < top && !ctx.stopping() {
+            let next = db.query(&self.next_id_sql, &[Value::Int(self.cursor)])?;
+            let Some(lo) = next.first().and_then(|r| r.first()).and_then(Value::as_i64) else {
+                break;
+            };
+            if lo > top {
+                break;
+            }
+            let hi = lo.saturating_add(ctx.chunk_rows() - 1).min(top);
+            let rows = db.query(
+                &self.frozen_sql,
+                &[Value::Int(lo), Value::Int(hi), Value::Int(self.frozen_below)],
+            )?;
+            for r in rows {
+                let model = r[0].to_label();
+                let n = |i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
+                ctx.count_rows("quota_data", n(1).max(0) as u64);
+                self.frozen.entry(model.clone()).or_default().add(&Totals {
+                    requests: n(2),
+                    quota: n(3),
+                    tokens: n(4),
+                });
+                let newest = self.frozen_newest_hour.entry(model).or_insert(i64::MIN);
+                *newest = (*newest).max(hour_of(n(5)));
+            }
+            self.cursor = hi;
+        }
+        if !ctx.stopping() {
+            self.cursor = self.cursor.max(top);
+        }
+        Ok(())
+    }
+
+    /// Re-reads every row of hours at or after `frozen_below`.
+    fn read_live(&mut self, db: &mut dyn crate::db::Database, ctx: &mut Context) -> Result<()> {
+        let bounds = db.query(&self.bounds_sql, &[Value::Int(self.frozen_below)])?;
+        let mut live = BTreeMap::new();
+        let b = bounds.first();
+        let min = b.and_then(|r| r.first()).and_then(Value::as_i64);
+        let max = b.and_then(|r| r.get(1)).and_then(Value::as_i64);
+        if let (Some(min), Some(max)) = (min, max) {
+            let mut from = min;
+            while from <= max {
+                let to = from.saturating_add(LIVE_CHUNK_HOURS * HOUR);
+                let rows = db.query(&self.live_sql, &[Value::Int(from), Value::Int(to)])?;
+                for r in rows {
+                    let n = |i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
+                    let key = (hour_of(n(0)), n(1), r[2].to_label(), r[3].to_label());
+                    ctx.count_rows("quota_data", n(4).max(0) as u64);
+                    let e: &mut LiveRow = live.entry(key).or_default();
+                    e.rows += n(4);
+                    e.totals.add(&Totals {
+                        requests: n(5),
+                        quota: n(6),
+                        tokens: n(7),
+                    });
+                }
+                from = to;
+            }
+        }
+        self.live = live;
+        Ok(())
+    }
+
+    /// Moves live hours older than `below` into the frozen totals.
+    fn freeze_below(&mut self, below: i64) {
+        if below <= self.frozen_below {
+            return;
+        }
+        let keep = self.live.split_off(&(below, i64::MIN, String::new(), String::new()));
+        for ((hour, _, _, model), row) in std::mem::replace(&mut self.live, keep) {
+            self.frozen.entry(model.clone()).or_default().add(&row.totals);
+            let newest = self.frozen_newest_hour.entry(model).or_insert(i64::MIN);
+            *newest = (*newest).max(hour);
+        }
+        self.frozen_below = below;
+    }
+}
+
+impl Collector for QuotaDataCollector {
+    fn name(&self) -> &'static str {
+        "quota_data"
+    }
+
+    fn poll(&mut self, src: &mut Sources, ctx: &mut Context) -> Result<()> {
+        let db = src.main();
+        let (live_from, live_until) = ctx.hourly_range();
+        if !self.started {
+            self.frozen_below = live_from;
+        } else {
+            self.freeze_below(live_from);
+        }
+        let top = db
+            .query(&self.max_id_sql, &[])?
+            .first()
+            .and_then(|r| r.first())
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        self.read_frozen(db, top, ctx)?;
+        if ctx.stopping() {
+            return Ok(());
+        }
+        self.read_live(db, ctx)?;
+        self.started = true;
+
+        // Per-hour view for the reconciliation, keyed like logs: (hour, user_id, model).
+        let rec = &mut ctx.recording;
+        rec.has_quota_data = true;
+        rec.qd_hourly.clear();
+        rec.qd_model_newest_hour = self
+            .frozen_newest_hour
+            .iter()
+            .map(|(m, h)| (m.clone(), *h))
+            .collect();
+        let mut current: BTreeMap<String, Totals> = self.frozen.iter().map(|(m, t)| (m.clone(), *t)).collect();
+        for ((hour, user, _, model), row) in &self.live {
+            current.entry(model.clone()).or_default().add(&row.totals);
+            let newest = rec.qd_model_newest_hour.entry(model.clone()).or_insert(*hour);
+            *newest = (*newest).max(*hour);
+            if *hour < live_until {
+                let q: &mut QdHour = rec.qd_hourly.entry((*hour, *user, model.clone())).or_default();
+                q.rows += row.rows;
+                q.extra_rows += row.rows - 1;
+                q.requests += row.totals.requests;
+                q.quota += row.totals.quota;
+                q.tokens += row.totals.tokens;
+            }
+        }
+        for (model, t) in current {
+            let e = self.emitted.entry(model).or_default();
+            *e = e.max(&t);
+        }
+        Ok(())
+    }
+
+    fn render(&self, _ctx: &Context, out: &mut Vec<MetricFamily>) {
+        let mut requests = Family::counter(
+            "newapi_quota_data_requests_total",
+            "Requests the gateway's dashboard recorded: sum of quota_data.count.",
+        );
+        let mut quota = Family::counter(
+            "newapi_quota_data_quota_total",
+            "Quota the gateway's dashboard recorded: sum of quota_data.quota.",
+        );
+        let mut tokens = Family::counter(
+            "newapi_quota_data_tokens_total",
+            "Tokens the gateway's dashboard recorded: sum of quota_data.token_used.",
+        );
+        for (model, t) in &self.emitted {
+            let l = [("model", model.as_str())];
+            requests.sample(&l, t.requests.max(0) as f64);
+            quota.sample(&l, t.quota.max(0) as f64);
+            tokens.sample(&l, t.tokens.max(0) as f64);
+        }
+        requests.finish(out);
+        quota.finish(out);
+        tokens.finish(out);
+    }
+}

@@ -1,0 +1,134 @@
+//! Printing a reconciliation [`Report`]: an aligned table for people, JSON as the stable
+//! machine interface, CSV for spreadsheets.
+
+use std::fmt::Write;
+
+use crate::cli::ReportFormat;
+use crate::reconcile::{Comparison, Report};
+
+/// Column headers of the table and CSV forms, in order.
+pub const HEADERS: [&str; 16] = [
+    "model",
+    "logs_requests",
+    "logs_quota",
+    "logs_tokens",
+    "logs_latest",
+    "qd_rows",
+    "qd_requests",
+    "qd_quota",
+    "qd_tokens",
+    "qd_latest_hour",
+    "missing_requests",
+    "missing_quota",
+    "excess_requests",
+    "excess_quota",
+    "unmirrored_quota",
+    "lag",
+];
+
+pub fn render(report: &Report, format: ReportFormat) -> String {
+    match format {
+        ReportFormat::Json => {
+            let mut s = serde_json::to_string_pretty(report).expect("a report serializes");
+            s.push('\n');
+            s
+        }
+        ReportFormat::Csv => csv(report),
+        ReportFormat::Table => table(report),
+    }
+}
+
+/// The cells of one line: a model, or the total.
+pub fn cells(name: &str, c: &Comparison, lag: i64, time: fn(i64) -> String) -> Vec<String> {
+    vec![
+        name.to_string(),
+        c.logs.requests.to_string(),
+        c.logs.quota.to_string(),
+        c.logs.tokens.to_string(),
+        time(c.logs.latest),
+        c.quota_data.rows.to_string(),
+        c.quota_data.requests.to_string(),
+        c.quota_data.quota.to_string(),
+        c.quota_data.tokens.to_string(),
+        time(c.quota_data.latest),
+        c.missing.requests.to_string(),
+        c.missing.quota.to_string(),
+        c.excess.requests.to_string(),
+        c.excess.quota.to_string(),
+        c.unmirrored.quota.to_string(),
+        lag.to_string(),
+    ]
+}
+
+pub fn rows(report: &Report, time: fn(i64) -> String) -> Vec<Vec<String>> {
+    let mut out: Vec<_> = report
+        .models
+        .iter()
+        .map(|m| cells(&m.model, &m.cmp, m.lag_seconds, time))
+        .collect();
+    out.push(cells("TOTAL", &report.totals, report.lag_seconds, time));
+    out
+}
+
+/// Unix seconds as RFC 3339 UTC, or `-` for none.
+pub fn rfc3339(t: i64) -> String {
+    if t <= 0 {
+        return "-".into();
+    }
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64))
+        .to_string()
+}
+
+fn plain(t: i64) -> String {
+    t.to_string()
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn csv(report: &Report) -> String {
+    let mut out = HEADERS.join(",");
+    out.push('\n');
+    for r in rows(report, plain) {
+        let line: Vec<_> = r.iter().map(|c| csv_field(c)).collect();
+        out.push_str(&line.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn table(report: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "range {} .. {}; missing/excess over settled hours before {}; lag {}",
+        rfc3339(report.since),
+        rfc3339(report.until),
+        rfc3339(report.settled_until),
+        humantime::format_duration(std::time::Duration::from_secs(report.lag_seconds.max(0) as u64)),
+    );
+    let mut grid = vec![HEADERS.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
+    grid.extend(rows(report, rfc3339));
+    let widths: Vec<usize> = (0..HEADERS.len())
+        .map(|i| grid.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in grid {
+        let line: Vec<_> = r
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                // Model names may hold newlines; keep one line per model.
+                let c = c.replace(['\n', '\r'], " ");
+                if i == 0 { format!("{c:<w$}") } else { format!("{c:>w$}") }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
