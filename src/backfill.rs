@@ -33,7 +33,11 @@ pub struct Fix {
 pub fn plan(src: &mut Sources, report: &Report) -> Result<Vec<Fix>> {
     let mut fixes = Vec::new();
     for ((hour, user_id, model), add, tokens) in &report.deficits {
-        let (h, u, m) = (Value::Int(*hour), Value::Int(*user_id), Value::Text(model.clone()));
+        let (h, u, m) = (
+            Value::Int(*hour),
+            Value::Int(*user_id),
+            Value::Text(model.clone()),
+        );
         let main = src.main();
         let d = main.dialect();
         let existing = main.query(

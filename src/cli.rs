@@ -214,7 +214,8 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
         .len()
         .checked_sub(6)
         .filter(|&i| s.is_char_boundary(i))
-        .map(|i| s.split_at(i)) {
+        .map(|i| s.split_at(i))
+    {
         Some((b, o)) if (o.starts_with('+') || o.starts_with('-')) && o.as_bytes()[3] == b':' => {
             let h: i64 = o[1..3].parse().map_err(|e| bad(&e))?;
             let m: i64 = o[4..6].parse().map_err(|e| bad(&e))?;
@@ -240,6 +241,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_telemetry_path(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || s == "/" || s.starts_with("/-/") {
+        return Err(format!(
+            "{s:?} must start with / and must not be / or under /-/ (those serve the landing page and probes)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_time;
@@ -253,13 +263,4 @@ mod tests {
         assert!(parse_time("yesterday").is_err());
         assert!(parse_time("2025-10-21T16:32:00+0x:00").is_err());
     }
-}
-
-fn parse_telemetry_path(s: &str) -> Result<String, String> {
-    if !s.starts_with('/') || s == "/" || s.starts_with("/-/") {
-        return Err(format!(
-            "{s:?} must start with / and must not be / or under /-/ (those serve the landing page and probes)"
-        ));
-    }
-    Ok(s.to_string())
 }

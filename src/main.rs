@@ -115,7 +115,10 @@ fn run_check(args: &DbArgs) -> Result<()> {
 }
 
 fn open_sqlite(db: &DbArgs) -> Result<Sources> {
-    Ok(Sources::new(Box::new(SqliteDb::open(&db.sqlite_path)?), None))
+    Ok(Sources::new(
+        Box::new(SqliteDb::open(&db.sqlite_path)?),
+        None,
+    ))
 }
 
 /// Reconciles the requested range (default: all history up to the end of the current hour).

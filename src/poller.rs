@@ -19,8 +19,8 @@ use crate::collect::{
     Collector, Context, Settings, channels::ChannelsCollector, logs::LogsCollector,
     options::OptionsCollector, quota_data::QuotaDataCollector,
 };
-use crate::reconcile::{ReconcileCollector, Report};
 use crate::db::Sources;
+use crate::reconcile::{ReconcileCollector, Report};
 use crate::schema::{Flavor, Schema};
 
 /// Opens the gateway's databases; called again after a failure.
@@ -250,11 +250,7 @@ impl Poller {
         }
         let src = self.sources.as_mut().expect("connected above");
         if self.pipeline.is_none() {
-            self.pipeline = Some(Self::build_pipeline(
-                src,
-                self.settings,
-                self.stop.clone(),
-            )?);
+            self.pipeline = Some(Self::build_pipeline(src, self.settings, self.stop.clone())?);
         }
         self.pipeline
             .as_mut()

@@ -47,7 +47,14 @@ pub struct LogsHour {
 }
 
 impl LogsHour {
-    pub fn add_mirrored(&mut self, requests: i64, quota: i64, tokens: i64, first: i64, latest: i64) {
+    pub fn add_mirrored(
+        &mut self,
+        requests: i64,
+        quota: i64,
+        tokens: i64,
+        first: i64,
+        latest: i64,
+    ) {
         if self.requests == 0 {
             self.first = first;
             self.latest = latest;
@@ -96,7 +103,11 @@ impl Recording {
 
 /// Lag of quota_data behind logs: newest mirrored log minus the end of the newest quota_data
 /// hour, or minus the first log when quota_data has nothing for it at all.
-pub fn lag_seconds(newest_log: Option<i64>, first_log: Option<i64>, newest_qd_hour: Option<i64>) -> i64 {
+pub fn lag_seconds(
+    newest_log: Option<i64>,
+    first_log: Option<i64>,
+    newest_qd_hour: Option<i64>,
+) -> i64 {
     let Some(newest) = newest_log else { return 0 };
     let since = match newest_qd_hour {
         Some(h) => h + HOUR,
@@ -171,46 +182,58 @@ pub fn reconcile(rec: &Recording, since: i64, until: i64, settled_until: i64) ->
 
     // Differences (logs - quota_data) per (user, model), by hour; one hour beyond each edge
     // is included so that a row that moved across an edge can still net out.
-    type Diff = (i64, i64, i64); // requests, quota, tokens
-    let mut diffs: BTreeMap<(i64, &str), BTreeMap<i64, Diff>> = BTreeMap::new();
+    let mut diffs: BTreeMap<(i64, &str), BTreeMap<i64, HourDiff>> = BTreeMap::new();
     let near = |h: i64| h + 2 * HOUR > since && h < until + HOUR;
     for ((h, user, model), l) in &rec.logs_hourly {
         if near(*h) {
-            let d = diffs.entry((*user, model)).or_default().entry(*h).or_default();
-            d.0 += l.requests;
-            d.1 += l.quota;
-            d.2 += l.tokens;
+            let d = diffs
+                .entry((*user, model))
+                .or_default()
+                .entry(*h)
+                .or_default();
+            d.requests += l.requests;
+            d.quota += l.quota;
+            d.tokens += l.tokens;
+            d.logged_requests += l.requests;
+            d.logged_quota += l.quota;
         }
     }
     for ((h, user, model), q) in &rec.qd_hourly {
         if near(*h) {
-            let d = diffs.entry((*user, model)).or_default().entry(*h).or_default();
-            d.0 -= q.requests;
-            d.1 -= q.quota;
-            d.2 -= q.tokens;
+            let d = diffs
+                .entry((*user, model))
+                .or_default()
+                .entry(*h)
+                .or_default();
+            d.requests -= q.requests;
+            d.quota -= q.quota;
+            d.tokens -= q.tokens;
         }
     }
     let mut models: BTreeMap<String, ModelReport> = BTreeMap::new();
     let mut deficits = Vec::new();
     for ((user, model), hours) in &mut diffs {
-        net_adjacent(hours, |d| &mut d.0);
-        net_adjacent(hours, |d| &mut d.1);
+        net_adjacent(hours, |d| &mut d.requests, |d| d.logged_requests);
+        net_adjacent(hours, |d| &mut d.quota, |d| d.logged_quota);
         let m = models.entry(model.to_string()).or_default();
         for (h, d) in hours.iter() {
             if !counted(*h) {
                 continue;
             }
-            if d.0 > 0 || d.1 > 0 {
+            if d.requests > 0 || d.quota > 0 {
                 deficits.push((
                     (*h, *user, model.to_string()),
-                    Amount { requests: d.0.max(0), quota: d.1.max(0) },
-                    d.2.max(0),
+                    Amount {
+                        requests: d.requests.max(0),
+                        quota: d.quota.max(0),
+                    },
+                    d.tokens.max(0),
                 ));
             }
-            m.cmp.missing.requests += d.0.max(0);
-            m.cmp.missing.quota += d.1.max(0);
-            m.cmp.excess.requests += (-d.0).max(0);
-            m.cmp.excess.quota += (-d.1).max(0);
+            m.cmp.missing.requests += d.requests.max(0);
+            m.cmp.missing.quota += d.quota.max(0);
+            m.cmp.excess.requests += (-d.requests).max(0);
+            m.cmp.excess.quota += (-d.quota).max(0);
         }
     }
 
@@ -303,22 +326,57 @@ fn add_comparison(t: &mut Comparison, c: &Comparison) {
     t.duplicate_rows += c.duplicate_rows;
 }
 
-/// Cancels a deficit in one hour against an excess in the next hour (either order).
-fn net_adjacent<T>(hours: &mut BTreeMap<i64, T>, field: impl Fn(&mut T) -> &mut i64) {
-    let keys: Vec<i64> = hours.keys().copied().collect();
-    for pair in keys.windows(2) {
-        let (a, b) = (pair[0], pair[1]);
-        if b - a != HOUR {
-            continue;
+/// One hour of one (user, model): logs minus quota_data, and how much the logs side holds.
+#[derive(Debug, Clone, Copy, Default)]
+struct HourDiff {
+    requests: i64,
+    quota: i64,
+    tokens: i64,
+    logged_requests: i64,
+    logged_quota: i64,
+}
+
+/// Explains differences by rows that moved to the adjacent hour, then returns what is left.
+///
+/// A row logged in hour h may be recorded in quota_data under h+1 (and, rarely, h-1). With
+/// `f[h]` the amount moved from h to h+1, capped by what h logged, the residual of hour h is
+/// `d[h] + f[h-1] - f[h]`. Chains are allowed: when every hour holds a skewed row, each middle
+/// hour nets to zero and only the first and last hours show a difference. A backward pass
+/// finds how much each hour can absorb from its predecessor; a forward pass then moves only
+/// what will be absorbed, so a deficit that nothing explains stays in its own hour (where
+/// backfill adds it). The same is run in the other direction for the rare backward shift.
+fn net_adjacent(
+    hours: &mut BTreeMap<i64, HourDiff>,
+    value: fn(&mut HourDiff) -> &mut i64,
+    cap: fn(&HourDiff) -> i64,
+) {
+    let mut keys: Vec<i64> = hours.keys().copied().collect();
+    for step in [HOUR, -HOUR] {
+        if step < 0 {
+            keys.reverse();
         }
-        let da = *field(hours.get_mut(&a).expect("key"));
-        let db = *field(hours.get_mut(&b).expect("key"));
-        if da.signum() * db.signum() >= 0 {
-            continue;
+        let n = keys.len();
+        // absorb[i]: inflow hour i can take from its predecessor; out[i]: what it can pass on.
+        let mut absorb = vec![0; n];
+        let mut out = vec![0; n];
+        for i in (0..n).rev() {
+            let next_adjacent = i + 1 < n && keys[i + 1] - keys[i] == step;
+            let d = *value(hours.get_mut(&keys[i]).expect("key"));
+            out[i] = if next_adjacent {
+                absorb[i + 1].min(cap(&hours[&keys[i]]).max(0))
+            } else {
+                0
+            };
+            absorb[i] = (out[i] - d).max(0);
         }
-        let m = da.abs().min(db.abs());
-        *field(hours.get_mut(&a).expect("key")) -= m * da.signum();
-        *field(hours.get_mut(&b).expect("key")) -= m * db.signum();
+        let mut inflow = 0;
+        for i in 0..n {
+            let v = value(hours.get_mut(&keys[i]).expect("key"));
+            let r = *v + inflow;
+            let moved = out[i].min(r.max(0));
+            *v = r - moved;
+            inflow = moved;
+        }
     }
 }
 
@@ -380,7 +438,8 @@ impl Collector for ReconcileCollector {
             f.sample(&[("model", model)], *lag as f64);
         }
         f.finish(out);
-        let per_model: [(&str, &str, fn(&Comparison) -> i64); 5] = [
+        type PerModel = (&'static str, &'static str, fn(&Comparison) -> i64);
+        let per_model: [PerModel; 5] = [
             (
                 "newapi_quota_data_missing_quota",
                 "Quota in consume logs of settled hours in the window that never reached quota_data.",
@@ -429,6 +488,35 @@ impl Collector for ReconcileCollector {
     }
 }
 
+/// Reads `[since, until)` once and reconciles it: the `reconcile` and `backfill` commands.
+pub fn run_once(
+    src: &mut Sources,
+    since: i64,
+    until: i64,
+    settle_margin_secs: i64,
+    chunk_rows: i64,
+) -> anyhow::Result<Report> {
+    let settings = crate::collect::Settings {
+        chunk_rows,
+        window_secs: until - since,
+        settle_margin_secs,
+        fixed_range: Some((since, until)),
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut p = crate::poller::Poller::build_pipeline(src, settings, stop)?;
+    if p.ctx.schema.quota_data.is_none() {
+        anyhow::bail!(
+            "{} was written by one-api, which has no quota_data table: there is no dashboard view to reconcile",
+            src.describe()
+        );
+    }
+    p.poll(src, crate::poller::unix_now())?;
+    p.ctx
+        .report
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("the reconciliation produced no report"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,13 +555,72 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_of_skewed_rows_nets_out() {
+        let mut rec = Recording::default();
+        // Every hour 10..=14 logged one skewed row of 7 that quota_data filed under the next hour.
+        for h in 10..=14 {
+            rec.logs_hourly.insert(key(h), logs(3, 300 + 7));
+            let moved_in = if h == 10 { 0 } else { 7 };
+            rec.qd_hourly.insert(key(h), qd(3, 300 + moved_in));
+        }
+        rec.qd_hourly.insert(key(15), qd(0, 7));
+        let r = reconcile(&rec, 0, 100 * HOUR, 100 * HOUR);
+        assert_eq!(r.totals.missing, Amount::default());
+        assert_eq!(r.totals.excess, Amount::default());
+    }
+
+    #[test]
+    fn an_unexplained_deficit_stays_in_its_own_hour() {
+        let mut rec = Recording::default();
+        for h in 10..=12 {
+            rec.logs_hourly.insert(key(h), logs(2, 200));
+        }
+        rec.qd_hourly.insert(key(12), qd(1, 100));
+        let r = reconcile(&rec, 0, 100 * HOUR, 100 * HOUR);
+        let hours: Vec<(i64, i64)> = r
+            .deficits
+            .iter()
+            .map(|(k, a, _)| (k.0 / HOUR, a.quota))
+            .collect();
+        assert_eq!(hours, vec![(10, 200), (11, 200), (12, 100)]);
+    }
+
+    #[test]
+    fn a_shift_cannot_move_more_than_the_hour_logged() {
+        let mut rec = Recording::default();
+        rec.logs_hourly.insert(key(10), logs(1, 100));
+        rec.qd_hourly.insert(key(11), qd(5, 500));
+        let r = reconcile(&rec, 0, 100 * HOUR, 100 * HOUR);
+        assert_eq!(r.totals.missing, Amount::default());
+        assert_eq!(
+            r.totals.excess,
+            Amount {
+                requests: 4,
+                quota: 400
+            }
+        );
+    }
+
+    #[test]
     fn hours_two_apart_do_not_net() {
         let mut rec = Recording::default();
         rec.logs_hourly.insert(key(10), logs(5, 500));
         rec.qd_hourly.insert(key(12), qd(5, 500));
         let r = reconcile(&rec, 0, 100 * HOUR, 100 * HOUR);
-        assert_eq!(r.totals.missing, Amount { requests: 5, quota: 500 });
-        assert_eq!(r.totals.excess, Amount { requests: 5, quota: 500 });
+        assert_eq!(
+            r.totals.missing,
+            Amount {
+                requests: 5,
+                quota: 500
+            }
+        );
+        assert_eq!(
+            r.totals.excess,
+            Amount {
+                requests: 5,
+                quota: 500
+            }
+        );
     }
 
     #[test]
@@ -484,7 +631,13 @@ mod tests {
         assert_eq!(r.totals.missing, Amount::default());
         assert_eq!(r.totals.logs.requests, 5);
         let r = reconcile(&rec, 0, 100 * HOUR, 11 * HOUR);
-        assert_eq!(r.totals.missing, Amount { requests: 5, quota: 500 });
+        assert_eq!(
+            r.totals.missing,
+            Amount {
+                requests: 5,
+                quota: 500
+            }
+        );
     }
 
     #[test]
@@ -494,33 +647,4 @@ mod tests {
         assert_eq!(lag_seconds(Some(5000), Some(1000), None), 4000);
         assert_eq!(lag_seconds(None, None, Some(3600)), 0);
     }
-}
-
-/// Reads `[since, until)` once and reconciles it: the `reconcile` and `backfill` commands.
-pub fn run_once(
-    src: &mut Sources,
-    since: i64,
-    until: i64,
-    settle_margin_secs: i64,
-    chunk_rows: i64,
-) -> anyhow::Result<Report> {
-    let settings = crate::collect::Settings {
-        chunk_rows,
-        window_secs: until - since,
-        settle_margin_secs,
-        fixed_range: Some((since, until)),
-    };
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut p = crate::poller::Poller::build_pipeline(src, settings, stop)?;
-    if p.ctx.schema.quota_data.is_none() {
-        anyhow::bail!(
-            "{} was written by one-api, which has no quota_data table: there is no dashboard view to reconcile",
-            src.describe()
-        );
-    }
-    p.poll(src, crate::poller::unix_now())?;
-    p.ctx
-        .report
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("the reconciliation produced no report"))
 }

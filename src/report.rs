@@ -75,8 +75,10 @@ pub fn rfc3339(t: i64) -> String {
     if t <= 0 {
         return "-".into();
     }
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64))
-        .to_string()
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64),
+    )
+    .to_string()
 }
 
 fn plain(t: i64) -> String {
@@ -110,7 +112,9 @@ fn table(report: &Report) -> String {
         rfc3339(report.since),
         rfc3339(report.until),
         rfc3339(report.settled_until),
-        humantime::format_duration(std::time::Duration::from_secs(report.lag_seconds.max(0) as u64)),
+        humantime::format_duration(std::time::Duration::from_secs(
+            report.lag_seconds.max(0) as u64
+        )),
     );
     let mut grid = vec![HEADERS.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
     grid.extend(rows(report, rfc3339));
@@ -125,7 +129,11 @@ fn table(report: &Report) -> String {
             .map(|(i, (c, w))| {
                 // Model names may hold newlines; keep one line per model.
                 let c = c.replace(['\n', '\r'], " ");
-                if i == 0 { format!("{c:<w$}") } else { format!("{c:>w$}") }
+                if i == 0 {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
             })
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());

@@ -118,7 +118,10 @@ impl LogsCollector {
         );
         LogsCollector {
             range_sql,
-            next_id_sql: format!("SELECT MIN({id}) FROM logs WHERE {id} > ?", id = d.ident("id")),
+            next_id_sql: format!(
+                "SELECT MIN({id}) FROM logs WHERE {id} > ?",
+                id = d.ident("id")
+            ),
             max_id_sql: format!("SELECT MAX({id}) FROM logs", id = d.ident("id")),
             errors_and_refunds: schema.flavor.has_error_and_refund_logs(),
             has_use_time: cols.has("use_time"),
@@ -230,7 +233,14 @@ impl Collector for LogsCollector {
             let hi = lo.saturating_add(ctx.chunk_rows() - 1).min(top);
             let (from, until) = ctx.hourly_range();
             let (from, until) = (Value::Int(from), Value::Int(until));
-            let params = [from.clone(), until.clone(), from, until, Value::Int(lo), Value::Int(hi)];
+            let params = [
+                from.clone(),
+                until.clone(),
+                from,
+                until,
+                Value::Int(lo),
+                Value::Int(hi),
+            ];
             let groups = db.query(&self.range_sql, &params)?;
             let mut read = 0;
             for g in &groups {

@@ -112,9 +112,7 @@ impl Context {
     /// flush (hour end + `DataExportInterval` + margin is in the past).
     pub fn settled_until(&self) -> i64 {
         hour_of(
-            self.now
-                - self.options.data_export_interval_seconds
-                - self.settings.settle_margin_secs,
+            self.now - self.options.data_export_interval_seconds - self.settings.settle_margin_secs,
         )
     }
 

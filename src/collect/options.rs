@@ -109,7 +109,14 @@ impl Collector for OptionsCollector {
             "newapi_quota_data_export_enabled",
             "1 when the gateway writes quota_data (options.DataExportEnabled, default true), else 0.",
         );
-        f.sample(&[], if ctx.options.data_export_enabled { 1.0 } else { 0.0 });
+        f.sample(
+            &[],
+            if ctx.options.data_export_enabled {
+                1.0
+            } else {
+                0.0
+            },
+        );
         f.finish(out);
         let mut f = Family::gauge(
             "newapi_quota_data_export_interval_seconds",

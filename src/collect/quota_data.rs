@@ -94,7 +94,9 @@ impl QuotaDataCollector {
             ),
             max_id_sql: format!("SELECT MAX({id}) FROM quota_data"),
             next_id_sql: format!("SELECT MIN({id}) FROM quota_data WHERE {id} > ?"),
-            bounds_sql: format!("SELECT MIN({created}), MAX({created}) FROM quota_data WHERE {created} >= ?"),
+            bounds_sql: format!(
+                "SELECT MIN({created}), MAX({created}) FROM quota_data WHERE {created} >= ?"
+            ),
             started: false,
             frozen_below: i64::MIN,
             cursor: 0,
@@ -106,7 +108,12 @@ impl QuotaDataCollector {
     }
 
     /// Reads rows of frozen hours with ids in `(self.cursor, top]`, in chunks.
-    fn read_frozen(&mut self, db: &mut dyn crate::db::Database, top: i64, ctx: &mut Context) -> Result<()> {
+    fn read_frozen(
+        &mut self,
+        db: &mut dyn crate::db::Database,
+        top: i64,
+        ctx: &mut Context,
+    ) -> Result<()> {
         while self.cursor < top && !ctx.stopping() {
             let next = db.query(&self.next_id_sql, &[Value::Int(self.cursor)])?;
             let Some(lo) = next.first().and_then(|r| r.first()).and_then(Value::as_i64) else {
@@ -118,7 +125,11 @@ impl QuotaDataCollector {
             let hi = lo.saturating_add(ctx.chunk_rows() - 1).min(top);
             let rows = db.query(
                 &self.frozen_sql,
-                &[Value::Int(lo), Value::Int(hi), Value::Int(self.frozen_below)],
+                &[
+                    Value::Int(lo),
+                    Value::Int(hi),
+                    Value::Int(self.frozen_below),
+                ],
             )?;
             for r in rows {
                 let model = r[0].to_label();
@@ -176,9 +187,14 @@ impl QuotaDataCollector {
         if below <= self.frozen_below {
             return;
         }
-        let keep = self.live.split_off(&(below, i64::MIN, String::new(), String::new()));
+        let keep = self
+            .live
+            .split_off(&(below, i64::MIN, String::new(), String::new()));
         for ((hour, _, _, model), row) in std::mem::replace(&mut self.live, keep) {
-            self.frozen.entry(model.clone()).or_default().add(&row.totals);
+            self.frozen
+                .entry(model.clone())
+                .or_default()
+                .add(&row.totals);
             let newest = self.frozen_newest_hour.entry(model).or_insert(i64::MIN);
             *newest = (*newest).max(hour);
         }
@@ -221,13 +237,20 @@ impl Collector for QuotaDataCollector {
             .iter()
             .map(|(m, h)| (m.clone(), *h))
             .collect();
-        let mut current: BTreeMap<String, Totals> = self.frozen.iter().map(|(m, t)| (m.clone(), *t)).collect();
+        let mut current: BTreeMap<String, Totals> =
+            self.frozen.iter().map(|(m, t)| (m.clone(), *t)).collect();
         for ((hour, user, _, model), row) in &self.live {
             current.entry(model.clone()).or_default().add(&row.totals);
-            let newest = rec.qd_model_newest_hour.entry(model.clone()).or_insert(*hour);
+            let newest = rec
+                .qd_model_newest_hour
+                .entry(model.clone())
+                .or_insert(*hour);
             *newest = (*newest).max(*hour);
             if *hour < live_until {
-                let q: &mut QdHour = rec.qd_hourly.entry((*hour, *user, model.clone())).or_default();
+                let q: &mut QdHour = rec
+                    .qd_hourly
+                    .entry((*hour, *user, model.clone()))
+                    .or_default();
                 q.rows += row.rows;
                 q.extra_rows += row.rows - 1;
                 q.requests += row.totals.requests;

@@ -207,18 +207,41 @@ impl Gateway {
             }
         };
         if feed_quota_data && row.log_type == 2 && self.flavor != Flavor::OneApi {
-            let key = (
+            self.feed(
                 row.user_id,
-                row.username.clone(),
-                row.model_name.clone(),
-                hour_of - hour_of.rem_euclid(3600),
+                &row.username,
+                &row.model_name,
+                hour_of,
+                1,
+                row.quota,
+                row.prompt_tokens + row.completion_tokens,
             );
-            let p = self.map.entry(key).or_default();
-            p.count += 1;
-            p.quota += row.quota;
-            p.tokens += row.prompt_tokens + row.completion_tokens;
         }
         Ok(id)
+    }
+
+    /// Adds to the in-memory quota map (the gateway's `LogQuotaData`); `t` is the clock reading.
+    #[allow(clippy::too_many_arguments)]
+    pub fn feed(
+        &mut self,
+        user_id: i64,
+        username: &str,
+        model: &str,
+        t: i64,
+        count: i64,
+        quota: i64,
+        tokens: i64,
+    ) {
+        let key = (
+            user_id,
+            username.to_string(),
+            model.to_string(),
+            t - t.rem_euclid(3600),
+        );
+        let p = self.map.entry(key).or_default();
+        p.count += count;
+        p.quota += quota;
+        p.tokens += tokens;
     }
 
     /// Drops the in-memory map without writing it, as a gateway restart does.
