@@ -289,6 +289,14 @@ fn healthy_gateway_shows_no_drift() {
         scalar(&s, "newapi_quota_data_export_interval_seconds"),
         300.0
     );
+    // Settled: hour end + the default 5 min interval + the default 5 min margin has passed.
+    let now = unix_now();
+    let settled = scalar(&s, "newapi_quota_data_settled_until_timestamp_seconds") as i64;
+    let expected = (now - 600) - (now - 600).rem_euclid(HOUR);
+    assert!(
+        settled == expected || settled == expected - HOUR,
+        "{settled} vs {expected}"
+    );
     // The dashboard-side counters equal quota_data's sums.
     let qd = gauge_by_model(&s, "newapi_quota_data_quota_total");
     for m in MODELS {
