@@ -271,3 +271,24 @@ pub const USAGE_COUNTERS: &[&str] = &[
     "newapi_refund_quota_total",
     "newapi_errors_total",
 ];
+
+/// The shipped Grafana dashboards: (file, JSON).
+pub fn dashboards() -> Vec<(String, serde_json::Value)> {
+    let mut out = Vec::new();
+    for entry in
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards")).unwrap()
+    {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let json: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            out.push((path.display().to_string(), json));
+        }
+    }
+    assert!(
+        out.len() >= 2,
+        "expected the usage and recording-health dashboards"
+    );
+    out
+}

@@ -1,0 +1,216 @@
+//! The shipped monitoring bundle: alert rules and their unit tests, Alertmanager and Prometheus
+//! configs, the compose file and the Grafana dashboards.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{dashboards, require_tool};
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn run_ok(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn promtool_checks_and_unit_tests_the_rules() {
+    if !require_tool("promtool", "promtool_checks_and_unit_tests_the_rules") {
+        return;
+    }
+    run_ok("promtool", &["check", "rules", "alerts/newapi.rules.yml"]);
+    run_ok(
+        "promtool",
+        &["test", "rules", "alerts/tests/newapi.rules.test.yml"],
+    );
+    run_ok("promtool", &["check", "config", "deploy/prometheus.yml"]);
+}
+
+#[test]
+fn amtool_accepts_the_alertmanager_config() {
+    if !require_tool("amtool", "amtool_accepts_the_alertmanager_config") {
+        return;
+    }
+    run_ok("amtool", &["check-config", "deploy/alertmanager.yml"]);
+}
+
+#[test]
+fn the_compose_file_follows_the_compose_spec() {
+    if !require_tool(
+        "check-jsonschema",
+        "the_compose_file_follows_the_compose_spec",
+    ) {
+        return;
+    }
+    run_ok(
+        "check-jsonschema",
+        &[
+            "--builtin-schema",
+            "vendor.compose-spec",
+            "docker-compose.yml",
+        ],
+    );
+}
+
+/// (alert name, the rule's lines) for every rule in the shipped rule file.
+fn alert_rules() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo("alerts/newapi.rules.yml")).unwrap();
+    let mut rules: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("- alert:") {
+            rules.push((name.trim().to_string(), String::new()));
+        } else if t.starts_with("- name:") || t.starts_with("- record:") {
+            rules.push((String::new(), String::new()));
+        } else if let Some(last) = rules.last_mut() {
+            last.1.push_str(line);
+            last.1.push('\n');
+        }
+    }
+    rules.retain(|(n, _)| !n.is_empty());
+    rules
+}
+
+#[test]
+fn every_alert_is_documented_and_labeled() {
+    let runbook = std::fs::read_to_string(repo("docs/runbook.md")).unwrap();
+    let rules = alert_rules();
+    assert!(rules.len() >= 9, "found {} alert rules", rules.len());
+    for (name, body) in &rules {
+        for key in ["severity:", "summary:", "description:"] {
+            assert!(body.contains(key), "{name} lacks {key}");
+        }
+        assert!(
+            body.contains("severity: critical") || body.contains("severity: warning"),
+            "{name}: severity must be critical or warning"
+        );
+        let anchor = format!("runbook_url: docs/runbook.md#{}", name.to_lowercase());
+        assert!(body.contains(&anchor), "{name} lacks `{anchor}`");
+        assert!(
+            runbook.contains(&format!("\n## {name}\n")),
+            "docs/runbook.md has no section for {name}"
+        );
+    }
+    for expected in [
+        "NewapiQuotaDataRecordingStalled",
+        "NewapiQuotaDataMissing",
+        "NewapiExporterDown",
+        "NewapiDatabaseUnreachable",
+        "NewapiQuotaDataExportDisabled",
+        "NewapiChannelAutoDisabled",
+        "NewapiChannelErrorRateHigh",
+        "NewapiConsumeTrafficStopped",
+    ] {
+        assert!(
+            rules.iter().any(|(n, _)| n == expected),
+            "no {expected} rule"
+        );
+    }
+}
+
+#[test]
+fn every_alert_has_a_firing_and_a_silent_test_case() {
+    let text = std::fs::read_to_string(repo("alerts/tests/newapi.rules.test.yml")).unwrap();
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let mut fires = std::collections::BTreeSet::new();
+    let mut silent = std::collections::BTreeSet::new();
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(name) = line.strip_prefix("alertname:") {
+            let next = lines[i + 1..].iter().find(|l| !l.is_empty()).unwrap();
+            match *next {
+                "exp_alerts: []" => silent.insert(name.trim().to_string()),
+                "exp_alerts:" => fires.insert(name.trim().to_string()),
+                other => panic!("unexpected line after alertname {name}: {other}"),
+            };
+        }
+    }
+    for (name, _) in alert_rules() {
+        assert!(fires.contains(&name), "{name} has no case where it fires");
+        assert!(
+            silent.contains(&name),
+            "{name} has no case where it stays silent"
+        );
+    }
+}
+
+/// Names of counter series (`*_total`, histogram `*_bucket`) in an expression, each with the
+/// text before it.
+fn counters_in(expr: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = expr[i..].find("newapi_") {
+        let start = i + pos;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let name = &expr[start..end];
+        if name.ends_with("_total") || name.ends_with("_bucket") {
+            out.push((name.to_string(), expr[..start].trim_end().to_string()));
+        }
+        i = end;
+    }
+    out
+}
+
+#[test]
+fn dashboards_follow_the_conventions() {
+    let mut uids = std::collections::BTreeSet::new();
+    for (file, d) in dashboards() {
+        let uid = d["uid"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{file}: no uid"));
+        assert!(uids.insert(uid.to_string()), "{file}: duplicate uid {uid}");
+        assert!(
+            d["schemaVersion"].as_i64().unwrap() >= 39,
+            "{file}: old schemaVersion"
+        );
+        let vars = d["templating"]["list"].as_array().unwrap();
+        let var = |name: &str| vars.iter().find(|v| v["name"] == name);
+        assert_eq!(var("datasource").unwrap()["type"], "datasource", "{file}");
+        assert!(var("job").is_some() && var("instance").is_some(), "{file}");
+        let mut targets = 0;
+        for p in d["panels"].as_array().unwrap() {
+            if p["type"] == "row" {
+                continue;
+            }
+            assert_eq!(
+                p["datasource"]["uid"], "${datasource}",
+                "{file}: {}",
+                p["title"]
+            );
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"].as_str().unwrap();
+                targets += 1;
+                assert!(
+                    expr.contains("job=~\"$job\"") && expr.contains("instance=~\"$instance\""),
+                    "{file}: `{expr}` ignores the job/instance variables"
+                );
+                for (name, before) in counters_in(expr) {
+                    assert!(
+                        before.ends_with("rate(") || before.ends_with("increase("),
+                        "{file}: counter {name} not wrapped in rate()/increase(): {expr}"
+                    );
+                }
+                if expr.contains("rate(") {
+                    assert!(expr.contains("[$__rate_interval]"), "{file}: {expr}");
+                }
+            }
+        }
+        assert!(targets >= 10, "{file}: only {targets} queries");
+    }
+}
