@@ -7,13 +7,10 @@
 //! settled are left alone, since the gateway may still flush them.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use crate::db::{Sources, Value};
-use crate::demo::gateway::GATEWAY_BUSY_TIMEOUT;
+use crate::db::{Database, Engine, Sources, Value};
 use crate::reconcile::{HOUR, Report};
 
 /// One addition to quota_data.
@@ -42,11 +39,11 @@ pub fn plan(src: &mut Sources, report: &Report) -> Result<Vec<Fix>> {
         let d = main.dialect();
         let existing = main.query(
             &format!(
-                "SELECT {name} FROM quota_data WHERE {created} = ? AND {user} = ? AND {model} = ? ORDER BY {id} LIMIT 1",
+                "SELECT {name} FROM quota_data WHERE {created} = ? AND {user} = ? AND {model} ORDER BY {id} LIMIT 1",
                 name = d.ident("username"),
                 created = d.ident("created_at"),
                 user = d.ident("user_id"),
-                model = d.ident("model_name"),
+                model = d.text_eq(&d.ident("model_name")),
                 id = d.ident("id"),
             ),
             &[h.clone(), u.clone(), m.clone()],
@@ -58,12 +55,12 @@ pub fn plan(src: &mut Sources, report: &Report) -> Result<Vec<Fix>> {
                 let d = logs.dialect();
                 let rows = logs.query(
                     &format!(
-                        "SELECT {name} FROM logs WHERE {ty} = 2 AND {user} = ? AND {model} = ? \
+                        "SELECT {name} FROM logs WHERE {ty} = 2 AND {user} = ? AND {model} \
                          AND {created} >= ? AND {created} < ? ORDER BY {id} DESC LIMIT 1",
                         name = d.ident("username"),
                         ty = d.ident("type"),
                         user = d.ident("user_id"),
-                        model = d.ident("model_name"),
+                        model = d.text_eq(&d.ident("model_name")),
                         created = d.ident("created_at"),
                         id = d.ident("id"),
                     ),
@@ -88,57 +85,86 @@ pub fn plan(src: &mut Sources, report: &Report) -> Result<Vec<Fix>> {
     Ok(fixes)
 }
 
-/// Writes the additions into a SQLite gateway database, one transaction per hour. Returns the
-/// number of rows written (updated or inserted).
-pub fn apply_sqlite(path: &Path, fixes: &[Fix]) -> Result<usize> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
-        .with_context(|| format!("opening {} for writing", path.display()))?;
-    conn.busy_timeout(GATEWAY_BUSY_TIMEOUT)?;
+/// Writes the additions into the gateway's main database (where quota_data lives), one
+/// transaction per hour. Like the gateway's flush, an existing row is incremented in place
+/// (the lowest id when several nodes created duplicates), otherwise a row is inserted. Returns
+/// the number of rows written.
+pub fn apply(db: &mut dyn Database, fixes: &[Fix]) -> Result<usize> {
+    let d = db.dialect();
+    let q = |c: &str| d.ident(c);
+    let set = format!(
+        "{count} = {count} + ?, {quota} = {quota} + ?, {tokens} = {tokens} + ?",
+        count = q("count"),
+        quota = q("quota"),
+        tokens = q("token_used"),
+    );
+    // Text compared byte for byte, as the reconciliation groups them (MySQL's usual
+    // collations would otherwise match `GPT-4o` to a `gpt-4o` row).
+    let key = format!(
+        "{} = ? AND {} AND {} AND {} = ?",
+        q("user_id"),
+        d.text_eq(&q("username")),
+        d.text_eq(&q("model_name")),
+        q("created_at")
+    );
+    let update = match d.0 {
+        // MySQL cannot select from the table it updates, but can order and limit the update.
+        Engine::Mysql => format!(
+            "UPDATE quota_data SET {set} WHERE {key} ORDER BY {} LIMIT 1",
+            q("id")
+        ),
+        Engine::Sqlite | Engine::Postgres => format!(
+            "UPDATE quota_data SET {set} WHERE {id} = (SELECT {id} FROM quota_data WHERE {key} ORDER BY {id} LIMIT 1)",
+            id = q("id")
+        ),
+    };
+    let insert = format!(
+        "INSERT INTO quota_data ({}, {}, {}, {}, {}, {}, {}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        q("user_id"),
+        q("username"),
+        q("model_name"),
+        q("created_at"),
+        q("token_used"),
+        q("count"),
+        q("quota"),
+    );
     let mut by_hour: BTreeMap<i64, Vec<&Fix>> = BTreeMap::new();
     for f in fixes {
         by_hour.entry(f.hour).or_default().push(f);
     }
     let mut written = 0;
     for (hour, fixes) in by_hour {
-        // IMMEDIATE takes the write lock up front, so the gateway's concurrent flush waits on
-        // its busy timeout instead of either side failing on a lock upgrade.
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let result = (|| -> Result<()> {
-            for f in fixes {
-                let id: Option<i64> = conn
-                    .query_row(
-                        "SELECT id FROM quota_data WHERE user_id = ?1 AND username = ?2 AND model_name = ?3
-                         AND created_at = ?4 ORDER BY id LIMIT 1",
-                        params![f.user_id, f.username, f.model, hour],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                match id {
-                    Some(id) => conn.execute(
-                        "UPDATE quota_data SET count = count + ?1, quota = quota + ?2,
-                         token_used = token_used + ?3 WHERE id = ?4",
-                        params![f.requests, f.quota, f.tokens, id],
-                    )?,
-                    None => conn.execute(
-                        "INSERT INTO quota_data (user_id, username, model_name, created_at, token_used, count, quota)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![f.user_id, f.username, f.model, hour, f.tokens, f.requests, f.quota],
-                    )?,
-                };
-                written += 1;
-            }
-            Ok(())
-        })();
-        match result {
-            Ok(()) => conn.execute_batch("COMMIT")?,
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e.context(format!(
-                    "writing quota_data for hour {}",
-                    crate::report::rfc3339(hour)
-                )));
-            }
-        }
+        let items: Vec<(Vec<Value>, Vec<Value>)> = fixes
+            .iter()
+            .map(|f| {
+                let key = [
+                    Value::Int(f.user_id),
+                    Value::Text(f.username.clone()),
+                    Value::Text(f.model.clone()),
+                    Value::Int(hour),
+                ];
+                let amounts = [
+                    Value::Int(f.requests),
+                    Value::Int(f.quota),
+                    Value::Int(f.tokens),
+                ];
+                let mut update = amounts.to_vec();
+                update.extend(key.iter().cloned());
+                let mut insert = key.to_vec();
+                insert.extend([
+                    Value::Int(f.tokens),
+                    Value::Int(f.requests),
+                    Value::Int(f.quota),
+                ]);
+                (update, insert)
+            })
+            .collect();
+        written += db.upsert_all(&update, &insert, &items).with_context(|| {
+            format!(
+                "writing quota_data for hour {}",
+                crate::report::rfc3339(hour)
+            )
+        })?;
     }
     Ok(written)
 }

@@ -145,6 +145,26 @@ pub struct DbArgs {
     )]
     pub sqlite_path: PathBuf,
 
+    /// The gateway's SQL_DSN: a MySQL DSN in go-sql-driver form
+    /// (user:password@tcp(host:3306)/newapi?tls=true) or a postgres:// URL (sslmode=...).
+    /// Unset, or starting with `local`: SQLite at --sqlite-path.
+    #[arg(
+        long = "sql-dsn",
+        env = "SQL_DSN",
+        hide_env_values = true,
+        value_name = "DSN"
+    )]
+    pub sql_dsn: Option<String>,
+
+    /// The gateway's LOG_SQL_DSN: `logs` lives in this database instead (same forms).
+    #[arg(
+        long = "log-sql-dsn",
+        env = "LOG_SQL_DSN",
+        hide_env_values = true,
+        value_name = "DSN"
+    )]
+    pub log_sql_dsn: Option<String>,
+
     /// Most log rows one read statement covers (a primary-key range). Smaller chunks make the
     /// gateway's writers wait less; larger ones make the cold start cheaper.
     #[arg(long = "db.chunk-rows", default_value_t = 20_000, value_name = "N",

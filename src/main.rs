@@ -10,19 +10,37 @@ use newapi_exporter::cli::{
     ServeArgs,
 };
 use newapi_exporter::db::Sources;
-use newapi_exporter::db::sqlite::SqliteDb;
 use newapi_exporter::reconcile::{self, HOUR, Report, hour_of};
 use newapi_exporter::schema::Schema;
 use newapi_exporter::{backfill, demo, poller, report, serve};
 
 fn init_logging(log: &LogArgs) {
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(log.log_level)
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // The database drivers report each failed connection attempt themselves; the exporter
+    // already says once per outage what failed, so theirs show only when debugging.
+    let drivers = if log.log_level >= tracing::Level::DEBUG {
+        log.log_level
+    } else {
+        tracing::Level::ERROR
+    };
+    let filter = Targets::new()
+        .with_default(log.log_level)
+        .with_target("sqlx", drivers)
+        .with_target("rustls", drivers);
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match log.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => tracing_subscriber::registry()
+            .with(layer)
+            .with(filter)
+            .init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(layer.json())
+            .with(filter)
+            .init(),
     }
 }
 
@@ -55,7 +73,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn run_serve(args: ServeArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
-    let poller = serve::poller_for(&args.db, &args.window, stop.clone());
+    let poller = serve::poller_for(&args.db, &args.window, stop.clone())?;
     runtime()?.block_on(serve::run(&args.web, poller, stop))
 }
 
@@ -70,9 +88,11 @@ fn run_demo(args: DemoArgs) -> Result<()> {
         .spawn(move || demo::write_live(&path, rate, writer_stop, 7))?;
     let db = DbArgs {
         sqlite_path: args.db.clone(),
+        sql_dsn: None,
+        log_sql_dsn: None,
         chunk_rows: 20_000,
     };
-    let poller = serve::poller_for(&db, &args.window, stop.clone());
+    let poller = serve::poller_for(&db, &args.window, stop.clone())?;
     tracing::info!(
         "demo gateway writing {rate} requests/s into {}",
         args.db.display()
@@ -84,7 +104,7 @@ fn run_demo(args: DemoArgs) -> Result<()> {
 }
 
 fn run_check(args: &DbArgs) -> Result<()> {
-    let mut src = Sources::new(Box::new(SqliteDb::open(&args.sqlite_path)?), None);
+    let mut src = open_db(args)?;
     let schema = Schema::detect(&mut src)?;
     println!("database: {}", src.describe());
     println!("schema:   {}", schema.flavor);
@@ -114,11 +134,9 @@ fn run_check(args: &DbArgs) -> Result<()> {
     Ok(())
 }
 
-fn open_sqlite(db: &DbArgs) -> Result<Sources> {
-    Ok(Sources::new(
-        Box::new(SqliteDb::open(&db.sqlite_path)?),
-        None,
-    ))
+fn open_db(db: &DbArgs) -> Result<Sources> {
+    let (main, logs) = serve::db_configs(db)?;
+    serve::open(&main, &logs)
 }
 
 /// Reconciles the requested range (default: all history up to the end of the current hour).
@@ -141,14 +159,14 @@ fn reconcile_range(src: &mut Sources, db: &DbArgs, range: &RangeArgs) -> Result<
 }
 
 fn run_reconcile(args: &ReconcileArgs) -> Result<()> {
-    let mut src = open_sqlite(&args.db)?;
+    let mut src = open_db(&args.db)?;
     let r = reconcile_range(&mut src, &args.db, &args.range)?;
     print!("{}", report::render(&r, args.format));
     Ok(())
 }
 
 fn run_backfill(args: &BackfillArgs) -> Result<()> {
-    let mut src = open_sqlite(&args.db)?;
+    let mut src = open_db(&args.db)?;
     let r = reconcile_range(&mut src, &args.db, &args.range)?;
     if r.until > r.settled_until {
         println!(
@@ -158,7 +176,6 @@ fn run_backfill(args: &BackfillArgs) -> Result<()> {
         );
     }
     let fixes = backfill::plan(&mut src, &r)?;
-    drop(src);
     if fixes.is_empty() {
         println!("nothing to write: quota_data has no deficit in the settled hours of this range");
         return Ok(());
@@ -186,7 +203,7 @@ fn run_backfill(args: &BackfillArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let written = backfill::apply_sqlite(&args.db.sqlite_path, &fixes)?;
+    let written = backfill::apply(src.main(), &fixes)?;
     println!("wrote {written} quota_data rows: added {req} requests and {quota} quota");
     Ok(())
 }

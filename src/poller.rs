@@ -277,10 +277,13 @@ impl Poller {
                 self.health.up.set(0);
                 self.health.poll_errors.inc();
                 let msg = format!("{e:#}");
-                if self.outage.as_deref() != Some(msg.as_str()) {
+                // One error line per outage; later failures of the same outage at debug level.
+                if self.outage.is_none() {
                     tracing::error!("poll failed: {msg}");
-                    self.outage = Some(msg);
+                } else {
+                    tracing::debug!("poll failed again: {msg}");
                 }
+                self.outage = Some(msg);
                 // Reconnect on the next poll; collectors keep their state.
                 self.sources = None;
             }

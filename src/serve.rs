@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use crate::cli::{DbArgs, WebArgs, WindowArgs};
 use crate::collect::Settings;
 use crate::db::Sources;
+use crate::db::dsn::DbConfig;
 use crate::db::sqlite::SqliteDb;
 use crate::poller::{Connector, Poller, Shared};
 
@@ -17,19 +18,50 @@ pub fn sqlite_connector(path: PathBuf) -> Connector {
     Box::new(move || Ok(Sources::new(Box::new(SqliteDb::open(&path)?), None)))
 }
 
-pub fn poller_for(db: &DbArgs, window: &WindowArgs, stop: Arc<AtomicBool>) -> Poller {
+/// The databases named by the gateway's settings: the main one, and the logs one when
+/// `LOG_SQL_DSN` is set. A malformed DSN is an error here, at start-up.
+pub fn db_configs(db: &DbArgs) -> Result<(DbConfig, Option<DbConfig>)> {
+    let main = DbConfig::from_dsn(db.sql_dsn.as_deref(), &db.sqlite_path)?;
+    let logs =
+        match db.log_sql_dsn.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(dsn) => Some(DbConfig::from_dsn(Some(dsn), &db.sqlite_path).map_err(|e| {
+                anyhow::anyhow!("{}", e.to_string().replace("SQL_DSN", "LOG_SQL_DSN"))
+            })?),
+        };
+    Ok((main, logs))
+}
+
+/// Where the exporter reads, passwords masked.
+pub fn describe(main: &DbConfig, logs: &Option<DbConfig>) -> String {
+    match logs {
+        Some(l) => format!("{} (logs: {})", main.describe(), l.describe()),
+        None => main.describe(),
+    }
+}
+
+/// Opens the configured databases.
+pub fn open(main: &DbConfig, logs: &Option<DbConfig>) -> Result<Sources> {
+    let m = crate::db::connect(main)?;
+    let l = logs.as_ref().map(crate::db::connect).transpose()?;
+    Ok(Sources::new(m, l))
+}
+
+pub fn poller_for(db: &DbArgs, window: &WindowArgs, stop: Arc<AtomicBool>) -> Result<Poller> {
     let settings = Settings {
         chunk_rows: db.chunk_rows,
         window_secs: window.window.as_secs() as i64,
         settle_margin_secs: window.settle_margin.as_secs() as i64,
         fixed_range: None,
     };
-    Poller::new(
-        sqlite_connector(db.sqlite_path.clone()),
-        format!("sqlite:{}", db.sqlite_path.display()),
+    let (main, logs) = db_configs(db)?;
+    let database = describe(&main, &logs);
+    Ok(Poller::new(
+        Box::new(move || open(&main, &logs)),
+        database,
         settings,
         stop,
-    )
+    ))
 }
 
 /// Serves metrics until SIGINT or SIGTERM, then stops the poll thread and sets `stop`.

@@ -242,3 +242,62 @@ fn every_flag_in_help_is_in_the_readme() {
         }
     }
 }
+
+#[test]
+fn passwords_never_appear_in_errors_or_help() {
+    for (flag, dsn) in [
+        (
+            "--sql-dsn",
+            "newapi:s3cr3t-pw@tcp(127.0.0.1:1)/newapi?tls=false",
+        ),
+        (
+            "--sql-dsn",
+            "postgres://newapi:s3cr3t-pw@127.0.0.1:1/newapi",
+        ),
+        (
+            "--sql-dsn",
+            "newapi:s3cr3t-pw@tcp(127.0.0.1:1)/newapi?tls=custom-cfg",
+        ),
+        (
+            "--sql-dsn",
+            "newapi:s3cr3t-pw@tcp(127.0.0.1:notaport)/newapi",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+            .args(["check", flag, dsn])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{dsn}");
+        assert!(!err.contains("s3cr3t"), "password leaked: {err}");
+        assert!(
+            err.contains("newapi:***@") || err.contains("SQL_DSN"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // --help shows where values come from, never the values themselves.
+    let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+        .arg("--help")
+        .env("SQL_DSN", "root:s3cr3t-pw@tcp(db:3306)/newapi")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("SQL_DSN") && !help.contains("s3cr3t"),
+        "{help}"
+    );
+    // The landing page of a serving exporter masks it too.
+    let exp = Running::start(&["--sql-dsn", "newapi:s3cr3t-pw@tcp(127.0.0.1:1)/newapi"]);
+    let (_, page) = exp.get("/");
+    assert!(
+        page.contains("newapi:***@tcp(127.0.0.1:1)/newapi"),
+        "{page}"
+    );
+    assert!(!page.contains("s3cr3t"));
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, page) = exp.get("/");
+    assert!(!page.contains("s3cr3t"), "{page}");
+    let (_, metrics) = exp.get("/metrics");
+    assert!(!metrics.contains("s3cr3t"));
+}

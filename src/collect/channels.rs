@@ -113,7 +113,7 @@ impl Collector for ChannelsCollector {
             cols.or(d, "name", "NULL"),
             cols.or(d, "type", "NULL"),
             cols.or(d, "status", "NULL"),
-            cols.or(d, "balance", "NULL"),
+            d.float(&cols.or(d, "balance", "NULL")),
             cols.or(d, "response_time", "NULL"),
         );
         let rows = db.query(&sql, &[])?;

@@ -43,15 +43,37 @@ pub struct Usage {
     pub errors: u64,
 }
 
+/// On MySQL and PostgreSQL, concurrent inserts can commit out of id order: a smaller id may
+/// become visible after a larger one was read. The newest ids (this many below the top) are
+/// therefore read with one group per row, which tells exactly which ids were seen; the ids
+/// missing among them are looked for again each poll until they appear or expire.
+const GAP_WINDOW: i64 = 10_000;
+/// How long a missing id is waited for (a rolled-back insert never appears).
+const GAP_GRACE_SECS: i64 = 600;
+/// Most missing ids remembered; the oldest are dropped beyond it.
+const GAP_MAX: usize = 20_000;
+/// Ids per `IN (...)` list when looking for missing ids.
+const GAP_BATCH: usize = 500;
+
 pub struct LogsCollector {
-    /// One aggregate statement over `id BETWEEN ? AND ?`, built for this schema.
-    range_sql: String,
+    /// The aggregate statement up to its WHERE condition, built for this schema. Parameters:
+    /// the hour range twice, then the condition's.
+    select_sql: String,
+    /// Groups by the labels, the hour, the user and the unmirrored flag.
+    group_sql: &'static str,
+    /// The same plus the id: one group per row.
+    group_by_row_sql: String,
+    id: String,
     next_id_sql: String,
     max_id_sql: String,
     errors_and_refunds: bool,
     has_use_time: bool,
     cursor: i64,
     usage: HashMap<UsageKey, Usage>,
+    /// Whether commits can become visible out of id order (MySQL, PostgreSQL).
+    track_gaps: bool,
+    /// Ids not seen below the cursor, with the time they were first missed.
+    gaps: std::collections::BTreeMap<i64, i64>,
 }
 
 /// Columns of the aggregate statement, in order.
@@ -71,6 +93,8 @@ const C_USE_TIME: usize = 12;
 const C_QUOTA: usize = 13;
 const C_FIRST: usize = 14;
 const C_LATEST: usize = 15;
+/// The smallest id of the group: the row's id when grouping by row.
+const C_ID: usize = 16;
 
 impl LogsCollector {
     pub fn new(schema: &Schema, dialect: crate::db::Dialect) -> Self {
@@ -96,17 +120,17 @@ impl LogsCollector {
         } else {
             "0".to_string()
         };
-        // Parameters, in order: hour range, hour range, id range.
-        let range_sql = format!(
+        let id = d.ident("id");
+        let select_sql = format!(
             "SELECT {ty}, {model}, {channel}, {group}, \
                CASE WHEN {in_range} THEN {created} - {created} % 3600 ELSE NULL END, \
                CASE WHEN {in_range} THEN {user} ELSE NULL END, \
                {unmirrored}, COUNT(*), {pos}, {neg}, {sum_prompt}, {sum_completion}, {use_time}, \
-               {sum_quota}, MIN({created}), MAX({created}) \
-             FROM logs WHERE {id} BETWEEN ? AND ? GROUP BY 1, 2, 3, 4, 5, 6, 7",
-            model = d.ident("model_name"),
+               {sum_quota}, MIN({created}), MAX({created}), MIN({id}) \
+             FROM logs WHERE ",
+            model = d.text_key(&d.ident("model_name")),
             channel = cols.or(d, "channel_id", "NULL"),
-            group = cols.or(d, "group", "NULL"),
+            group = d.text_key(&cols.or(d, "group", "NULL")),
             user = cols.or(d, "user_id", "0"),
             pos = d.sum_int(&format!("CASE WHEN {quota} > 0 THEN {quota} ELSE 0 END")),
             neg = d.sum_int(&format!("CASE WHEN {quota} < 0 THEN -{quota} ELSE 0 END")),
@@ -114,10 +138,13 @@ impl LogsCollector {
             sum_completion = d.sum_int(&completion),
             use_time = d.sum_int(&cols.or(d, "use_time", "0")),
             sum_quota = d.sum_int(&quota),
-            id = d.ident("id"),
         );
+        const GROUP: &str = " GROUP BY 1, 2, 3, 4, 5, 6, 7";
         LogsCollector {
-            range_sql,
+            select_sql,
+            group_sql: GROUP,
+            group_by_row_sql: format!("{GROUP}, {id}"),
+            id,
             next_id_sql: format!(
                 "SELECT MIN({id}) FROM logs WHERE {id} > ?",
                 id = d.ident("id")
@@ -127,7 +154,63 @@ impl LogsCollector {
             has_use_time: cols.has("use_time"),
             cursor: 0,
             usage: HashMap::new(),
+            track_gaps: dialect.0 != crate::db::Engine::Sqlite,
+            gaps: std::collections::BTreeMap::new(),
         }
+    }
+
+    /// Reads and applies the rows matching `condition`; with `by_row`, returns their ids.
+    fn read(
+        &mut self,
+        db: &mut dyn crate::db::Database,
+        ctx: &mut Context,
+        condition: &str,
+        params: &[Value],
+        by_row: bool,
+    ) -> Result<Vec<i64>> {
+        let (from, until) = ctx.hourly_range();
+        let mut all = vec![
+            Value::Int(from),
+            Value::Int(until),
+            Value::Int(from),
+            Value::Int(until),
+        ];
+        all.extend_from_slice(params);
+        let group = if by_row {
+            self.group_by_row_sql.as_str()
+        } else {
+            self.group_sql
+        };
+        let sql = format!("{}{condition}{group}", self.select_sql);
+        let groups = db.query(&sql, &all)?;
+        let mut read = 0;
+        let mut ids = Vec::new();
+        for g in &groups {
+            read += self.apply(g, ctx);
+            if by_row && let Some(id) = g.get(C_ID).and_then(Value::as_i64) {
+                ids.push(id);
+            }
+        }
+        ctx.count_rows("logs", read);
+        Ok(ids)
+    }
+
+    /// Looks again for ids that were missing below the cursor; counts those that appeared.
+    fn recheck_gaps(&mut self, db: &mut dyn crate::db::Database, ctx: &mut Context) -> Result<()> {
+        self.gaps.retain(|_, seen| ctx.now - *seen < GAP_GRACE_SECS);
+        while self.gaps.len() > GAP_MAX {
+            self.gaps.pop_first();
+        }
+        let pending: Vec<i64> = self.gaps.keys().copied().collect();
+        for batch in pending.chunks(GAP_BATCH) {
+            let list = vec!["?"; batch.len()].join(", ");
+            let params: Vec<Value> = batch.iter().map(|i| Value::Int(*i)).collect();
+            let cond = format!("{} IN ({list})", self.id);
+            for id in self.read(db, ctx, &cond, &params, true)? {
+                self.gaps.remove(&id);
+            }
+        }
+        Ok(())
     }
 
     /// Folds one aggregated group into the counters and the per-hour recording state.
@@ -222,6 +305,11 @@ impl Collector for LogsCollector {
             ctx.logs_cursor = top;
             return Ok(());
         }
+        if self.track_gaps && !self.gaps.is_empty() {
+            self.recheck_gaps(db, ctx)?;
+        }
+        let by_row_from = top.saturating_sub(GAP_WINDOW);
+        let range = format!("{} BETWEEN ? AND ?", self.id);
         while self.cursor < top && !ctx.stopping() {
             let Some(lo) = first_int(&db.query(&self.next_id_sql, &[Value::Int(self.cursor)])?)
             else {
@@ -230,27 +318,35 @@ impl Collector for LogsCollector {
             if lo > top {
                 break;
             }
-            let hi = lo.saturating_add(ctx.chunk_rows() - 1).min(top);
-            let (from, until) = ctx.hourly_range();
-            let (from, until) = (Value::Int(from), Value::Int(until));
-            let params = [
-                from.clone(),
-                until.clone(),
-                from,
-                until,
-                Value::Int(lo),
-                Value::Int(hi),
-            ];
-            let groups = db.query(&self.range_sql, &params)?;
-            let mut read = 0;
-            for g in &groups {
-                read += self.apply(g, ctx);
+            let by_row = self.track_gaps && lo > by_row_from;
+            // Near the top, chunks end where row-by-row reading starts.
+            let mut hi = lo.saturating_add(ctx.chunk_rows() - 1).min(top);
+            if self.track_gaps && !by_row && hi > by_row_from {
+                hi = by_row_from;
             }
-            ctx.count_rows("logs", read);
+            let ids = self.read(db, ctx, &range, &[Value::Int(lo), Value::Int(hi)], by_row)?;
+            if by_row {
+                // Every id of (cursor, hi] not seen now may still commit.
+                let seen: std::collections::HashSet<i64> = ids.into_iter().collect();
+                for id in self.cursor.max(by_row_from) + 1..=hi {
+                    if !seen.contains(&id) && self.gaps.len() < GAP_MAX {
+                        self.gaps.insert(id, ctx.now);
+                    }
+                }
+            }
             self.cursor = hi;
         }
-        if !ctx.stopping() {
+        if !ctx.stopping() && !self.track_gaps {
             self.cursor = self.cursor.max(top);
+        }
+        if self.track_gaps && !ctx.stopping() && self.cursor < top {
+            // No row at all in (cursor, top]: those ids may still commit.
+            for id in self.cursor.max(by_row_from) + 1..=top {
+                if self.gaps.len() < GAP_MAX {
+                    self.gaps.insert(id, ctx.now);
+                }
+            }
+            self.cursor = top;
         }
         ctx.logs_cursor = self.cursor;
         Ok(())

@@ -72,7 +72,8 @@ pub struct QuotaDataCollector {
 impl QuotaDataCollector {
     pub fn new(dialect: crate::db::Dialect) -> Self {
         let d = dialect;
-        let (id, created, model) = (d.ident("id"), d.ident("created_at"), d.ident("model_name"));
+        let (id, created) = (d.ident("id"), d.ident("created_at"));
+        let model = d.text_key(&d.ident("model_name"));
         let sums = format!(
             "COUNT(*), {}, {}, {}",
             d.sum_int(&d.ident("count")),
@@ -90,7 +91,7 @@ impl QuotaDataCollector {
                 "SELECT {created}, {user}, {username}, {model}, {sums} FROM quota_data \
                  WHERE {created} >= ? AND {created} < ? GROUP BY 1, 2, 3, 4",
                 user = d.ident("user_id"),
-                username = d.ident("username"),
+                username = d.text_key(&d.ident("username")),
             ),
             max_id_sql: format!("SELECT MAX({id}) FROM quota_data"),
             next_id_sql: format!("SELECT MIN({id}) FROM quota_data WHERE {id} > ?"),

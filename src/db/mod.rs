@@ -4,6 +4,9 @@
 //! [`Dialect`]); an engine only runs statements and turns rows into [`Value`]s. The trait is
 //! synchronous: polling runs on its own thread, so a slow database never stalls a scrape.
 
+pub mod dsn;
+pub mod mysql;
+pub mod postgres;
 pub mod sqlite;
 
 use anyhow::Result;
@@ -55,6 +58,8 @@ pub type Row = Vec<Value>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     Sqlite,
+    Mysql,
+    Postgres,
 }
 
 /// SQL spelling that differs between engines.
@@ -65,14 +70,43 @@ impl Dialect {
     /// Quotes an identifier; needed for the gateway's reserved-word columns `group` and `key`.
     pub fn ident(&self, name: &str) -> String {
         match self.0 {
-            Engine::Sqlite => format!("`{name}`"),
+            Engine::Sqlite | Engine::Mysql => format!("`{name}`"),
+            Engine::Postgres => format!("\"{name}\""),
         }
     }
 
-    /// `SUM` of an integer expression, typed as a 64-bit integer on every engine.
+    /// `SUM` of an integer expression, typed as a 64-bit integer on every engine (MySQL and
+    /// PostgreSQL widen integer sums to DECIMAL/NUMERIC).
     pub fn sum_int(&self, expr: &str) -> String {
         match self.0 {
             Engine::Sqlite => format!("SUM({expr})"),
+            Engine::Mysql => format!("CAST(SUM({expr}) AS SIGNED)"),
+            Engine::Postgres => format!("CAST(SUM({expr}) AS BIGINT)"),
+        }
+    }
+
+    /// A text column as a grouping key that keeps values apart byte for byte: MySQL's default
+    /// collations fold case and trailing spaces, which would merge distinct model names.
+    pub fn text_key(&self, expr: &str) -> String {
+        match self.0 {
+            Engine::Mysql => format!("CAST({expr} AS BINARY)"),
+            Engine::Sqlite | Engine::Postgres => expr.to_string(),
+        }
+    }
+
+    /// `column = ?` compared byte for byte, as [`Dialect::text_key`] groups.
+    pub fn text_eq(&self, column: &str) -> String {
+        match self.0 {
+            Engine::Mysql => format!("CAST({column} AS BINARY) = CAST(? AS BINARY)"),
+            Engine::Sqlite | Engine::Postgres => format!("{column} = ?"),
+        }
+    }
+
+    /// A real-valued column read as a float (new-api's PostgreSQL tables may store NUMERIC).
+    pub fn float(&self, expr: &str) -> String {
+        match self.0 {
+            Engine::Postgres => format!("CAST({expr} AS DOUBLE PRECISION)"),
+            Engine::Sqlite | Engine::Mysql => expr.to_string(),
         }
     }
 }
@@ -90,6 +124,111 @@ pub trait Database: Send {
     /// Runs one read statement. `?` marks a parameter. Each call is its own short statement:
     /// no transaction is held open across calls.
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>>;
+
+    /// The one write the exporter makes (`backfill`): in a single transaction, for each item
+    /// runs `update` with its first parameter list and, when that changed no row, `insert`
+    /// with its second. Returns the number of items written.
+    fn upsert_all(
+        &mut self,
+        update: &str,
+        insert: &str,
+        items: &[(Vec<Value>, Vec<Value>)],
+    ) -> Result<usize>;
+}
+
+/// Column names of `table` in the connection's current schema, from `information_schema`
+/// (MySQL and PostgreSQL); `text` is the engine's name for a text cast.
+pub(crate) fn information_schema_columns(
+    db: &mut dyn Database,
+    text: &str,
+    table: &str,
+) -> Result<Option<Vec<String>>> {
+    let schema = match db.dialect().0 {
+        Engine::Postgres => "current_schema()",
+        _ => "DATABASE()",
+    };
+    let rows = db.query(
+        &format!(
+            "SELECT CAST(column_name AS {text}) FROM information_schema.columns \
+             WHERE table_schema = {schema} AND table_name = ? ORDER BY ordinal_position"
+        ),
+        &[Value::Text(table.to_string())],
+    )?;
+    let cols: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r.first().map(Value::to_label))
+        .collect();
+    Ok((!cols.is_empty()).then_some(cols))
+}
+
+/// Binds [`Value`]s to an sqlx query, in order.
+macro_rules! bind_values {
+    ($query:expr, $params:expr) => {{
+        let mut q = $query;
+        for p in $params {
+            q = match p {
+                $crate::db::Value::Null => q.bind(None::<i64>),
+                $crate::db::Value::Int(i) => q.bind(*i),
+                $crate::db::Value::Real(f) => q.bind(*f),
+                $crate::db::Value::Text(s) => q.bind(s.as_str()),
+            };
+        }
+        q
+    }};
+}
+pub(crate) use bind_values;
+
+/// Opens one of the gateway's databases.
+pub fn connect(cfg: &dsn::DbConfig) -> Result<Box<dyn Database>> {
+    Ok(match cfg {
+        dsn::DbConfig::Sqlite(path) => Box::new(sqlite::SqliteDb::open(path)?),
+        dsn::DbConfig::Mysql(m) => Box::new(mysql::MysqlDb::connect(m)?),
+        dsn::DbConfig::Postgres(url) => Box::new(postgres::PostgresDb::connect(url)?),
+    })
+}
+
+/// A runtime of its own for an async driver behind the synchronous [`Database`] trait; the
+/// poll thread and the one-shot commands run outside any other runtime.
+pub(crate) fn driver_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Pool settings shared by MySQL and PostgreSQL: the exporter is a light client of a shared
+/// database, so at most two connections, released when idle.
+pub(crate) const POOL_MAX_CONNECTIONS: u32 = 2;
+pub(crate) const POOL_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+/// Longest a single statement may run on the server.
+pub(crate) const STATEMENT_TIMEOUT_SECS: u64 = 30;
+
+/// Runs one database call with client-side deadlines: getting a connection, then the call
+/// itself (the server's statement timeout plus a margin). A server that stops answering
+/// without closing the connection (a network partition) fails the poll instead of hanging it.
+pub(crate) async fn with_deadlines<C, T, F, Fut>(
+    describe: &str,
+    acquire: impl std::future::Future<Output = Result<C, sqlx::Error>>,
+    call: F,
+) -> Result<T>
+where
+    F: FnOnce(C) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    use anyhow::Context as _;
+    let conn = tokio::time::timeout(POOL_ACQUIRE_TIMEOUT, acquire)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no connection to {describe} within {}s",
+                POOL_ACQUIRE_TIMEOUT.as_secs()
+            )
+        })?
+        .with_context(|| format!("cannot connect to {describe}"))?;
+    let limit = std::time::Duration::from_secs(STATEMENT_TIMEOUT_SECS + 5);
+    tokio::time::timeout(limit, call(conn))
+        .await
+        .map_err(|_| anyhow::anyhow!("{describe} did not answer within {}s", limit.as_secs()))?
 }
 
 /// Masks the password in a connection string for display (`user:***@host`).

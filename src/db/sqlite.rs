@@ -98,6 +98,29 @@ impl Database for SqliteDb {
         Ok((!cols.is_empty()).then_some(cols))
     }
 
+    fn upsert_all(
+        &mut self,
+        update: &str,
+        insert: &str,
+        items: &[(Vec<Value>, Vec<Value>)],
+    ) -> Result<usize> {
+        // The reading connection is read-only; writing takes a connection of its own, with the
+        // gateway's busy timeout. IMMEDIATE takes the write lock up front, so the gateway's own
+        // flush waits on its busy timeout instead of either side failing on a lock upgrade.
+        let mut conn = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+            .with_context(|| format!("opening {} for writing", self.path.display()))?;
+        conn.busy_timeout(crate::demo::gateway::GATEWAY_BUSY_TIMEOUT)?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (up, ins) in items {
+            let changed = tx.execute(update, params_from_iter(up.iter().map(to_sql)))?;
+            if changed == 0 {
+                tx.execute(insert, params_from_iter(ins.iter().map(to_sql)))?;
+            }
+        }
+        tx.commit()?;
+        Ok(items.len())
+    }
+
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
         let mut stmt = self
             .conn

@@ -11,6 +11,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod engines;
+pub mod proxy;
+
 use newapi_exporter::collect::Settings;
 use newapi_exporter::poller::{Poller, Shared};
 use newapi_exporter::serve::sqlite_connector;
@@ -131,6 +134,23 @@ impl InProcess {
             sqlite_connector(db.to_path_buf()),
             db.display().to_string(),
             settings,
+            Arc::new(AtomicBool::new(false)),
+        );
+        InProcess {
+            poller,
+            shared: Shared::default(),
+        }
+    }
+
+    /// An exporter on the gateway's SQL_DSN (and LOG_SQL_DSN) values.
+    pub fn with_dsn(dsn: &str, log_dsn: Option<&str>) -> Self {
+        use newapi_exporter::db::dsn::DbConfig;
+        let main = DbConfig::from_dsn(Some(dsn), Path::new("unused.db")).unwrap();
+        let logs = log_dsn.map(|d| DbConfig::from_dsn(Some(d), Path::new("unused.db")).unwrap());
+        let poller = Poller::new(
+            Box::new(move || newapi_exporter::serve::open(&main, &logs)),
+            dsn.to_string(),
+            Settings::default(),
             Arc::new(AtomicBool::new(false)),
         );
         InProcess {
