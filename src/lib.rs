@@ -2,6 +2,7 @@
 //! gateway's own database.
 //!
 //! A walk through the house:
+//! - [`metrics`]: every metric's names, help and unit, defined once;
 //! - [`db`]: one file per database engine behind the [`db::Database`] trait;
 //! - [`schema`]: which gateway wrote the database and which columns exist;
 //! - [`collect`]: one collector per table, each reading incrementally into its own state;
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod collect;
 pub mod db;
 pub mod demo;
+pub mod metrics;
 pub mod poller;
 pub mod reconcile;
 pub mod report;

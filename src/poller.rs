@@ -80,17 +80,11 @@ struct Health {
 
 impl Health {
     fn new() -> Self {
+        use crate::metrics as m;
         let registry = Registry::new();
-        let up = IntGauge::new(
-            "newapi_up",
-            "1 when the last poll of the gateway's database succeeded, else 0.",
-        )
-        .expect("valid metric");
+        let up = IntGauge::new(m::UP.name, m::UP.help).expect("valid metric");
         let build_info = prometheus::IntGaugeVec::new(
-            Opts::new(
-                "newapi_exporter_build_info",
-                "Constant 1, labeled with the exporter's version.",
-            ),
+            Opts::new(m::EXPORTER_BUILD_INFO.name, m::EXPORTER_BUILD_INFO.help),
             &["version"],
         )
         .expect("valid metric");
@@ -99,8 +93,8 @@ impl Health {
             .set(1);
         let poll_duration = Histogram::with_opts(
             HistogramOpts::new(
-                "newapi_exporter_poll_duration_seconds",
-                "Time one poll of the gateway's database took.",
+                m::EXPORTER_POLL_DURATION_SECONDS.name,
+                m::EXPORTER_POLL_DURATION_SECONDS.help,
             )
             .buckets(vec![
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -108,24 +102,24 @@ impl Health {
         )
         .expect("valid metric");
         let poll_errors = IntCounter::new(
-            "newapi_exporter_poll_errors_total",
-            "Polls that failed (the previous state kept being served).",
+            m::EXPORTER_POLL_ERRORS_TOTAL.name,
+            m::EXPORTER_POLL_ERRORS_TOTAL.help,
         )
         .expect("valid metric");
         let rows_read = IntCounterVec::new(
             Opts::new(
-                "newapi_exporter_rows_read_total",
-                "Rows the exporter read from the gateway's database, by table.",
+                m::EXPORTER_ROWS_READ_TOTAL.name,
+                m::EXPORTER_ROWS_READ_TOTAL.help,
             ),
             &["table"],
         )
         .expect("valid metric");
         let last_poll = Gauge::new(
-            "newapi_exporter_last_poll_timestamp_seconds",
-            "Unix time the last poll finished, successful or not.",
+            m::EXPORTER_LAST_POLL_TIMESTAMP_SECONDS.name,
+            m::EXPORTER_LAST_POLL_TIMESTAMP_SECONDS.help,
         )
         .expect("valid metric");
-        let cursor = IntGauge::new("newapi_exporter_logs_cursor", "Highest logs.id ingested.")
+        let cursor = IntGauge::new(m::EXPORTER_LOGS_CURSOR.name, m::EXPORTER_LOGS_CURSOR.help)
             .expect("valid metric");
         for c in [
             Box::new(up.clone()) as Box<dyn prometheus::core::Collector>,

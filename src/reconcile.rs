@@ -424,65 +424,33 @@ impl Collector for ReconcileCollector {
 
     fn render(&self, ctx: &Context, out: &mut Vec<MetricFamily>) {
         let Some(report) = &self.report else { return };
-        let mut f = Family::gauge(
-            "newapi_quota_data_lag_seconds",
-            "Newest consume log time minus the end of the newest quota_data hour (0 when recording keeps up); async task settlement rows left out.",
-        );
+        let mut f = Family::of(&crate::metrics::QUOTA_DATA_LAG_SECONDS);
         f.sample(&[], self.lag as f64);
         f.finish(out);
-        let mut f = Family::gauge(
-            "newapi_quota_data_model_lag_seconds",
-            "Per model: newest consume log time minus the end of its newest quota_data hour (minus its first log when quota_data has none).",
-        );
+        let mut f = Family::of(&crate::metrics::QUOTA_DATA_MODEL_LAG_SECONDS);
         for (model, lag) in &self.model_lag {
             f.sample(&[("model", model)], *lag as f64);
         }
         f.finish(out);
-        type PerModel = (&'static str, &'static str, fn(&Comparison) -> i64);
-        let per_model: [PerModel; 5] = [
-            (
-                "newapi_quota_data_missing_quota",
-                "Quota in consume logs of settled hours in the window that never reached quota_data.",
-                |c| c.missing.quota,
-            ),
-            (
-                "newapi_quota_data_missing_requests",
-                "Consume log rows of settled hours in the window missing from quota_data counts.",
-                |c| c.missing.requests,
-            ),
-            (
-                "newapi_quota_data_excess_quota",
-                "Quota in quota_data beyond the consume logs of settled hours in the window (deleted logs, duplicate rows).",
-                |c| c.excess.quota,
-            ),
-            (
-                "newapi_quota_data_excess_requests",
-                "Requests in quota_data beyond the consume logs of settled hours in the window.",
-                |c| c.excess.requests,
-            ),
-            (
-                "newapi_quota_data_unmirrored_quota",
-                "Quota of async task settlement rows in the window: billed, never written to quota_data by design.",
-                |c| c.unmirrored.quota,
-            ),
+        use crate::metrics as m;
+        let per_model: [(&m::MetricDef, fn(&Comparison) -> i64); 5] = [
+            (&m::QUOTA_DATA_MISSING_QUOTA, |c| c.missing.quota),
+            (&m::QUOTA_DATA_MISSING_REQUESTS, |c| c.missing.requests),
+            (&m::QUOTA_DATA_EXCESS_QUOTA, |c| c.excess.quota),
+            (&m::QUOTA_DATA_EXCESS_REQUESTS, |c| c.excess.requests),
+            (&m::QUOTA_DATA_UNMIRRORED_QUOTA, |c| c.unmirrored.quota),
         ];
-        for (name, help, get) in per_model {
-            let mut f = Family::gauge(name, help);
-            for m in &report.models {
-                f.sample(&[("model", &m.model)], get(&m.cmp) as f64);
+        for (def, get) in per_model {
+            let mut f = Family::of(def);
+            for model in &report.models {
+                f.sample(&[("model", &model.model)], get(&model.cmp) as f64);
             }
             f.finish(out);
         }
-        let mut f = Family::gauge(
-            "newapi_quota_data_duplicate_rows",
-            "quota_data rows of settled hours in the window beyond the first for the same (hour, user, username, model).",
-        );
+        let mut f = Family::of(&crate::metrics::QUOTA_DATA_DUPLICATE_ROWS);
         f.sample(&[], report.totals.duplicate_rows as f64);
         f.finish(out);
-        let mut f = Family::gauge(
-            "newapi_quota_data_settled_until_timestamp_seconds",
-            "End of the newest settled hour: missing and excess cover the window's hours before it.",
-        );
+        let mut f = Family::of(&crate::metrics::QUOTA_DATA_SETTLED_UNTIL_TIMESTAMP_SECONDS);
         f.sample(&[], ctx.settled_until() as f64);
         f.finish(out);
     }

@@ -144,18 +144,9 @@ impl Collector for ChannelsCollector {
     }
 
     fn render(&self, _ctx: &Context, out: &mut Vec<MetricFamily>) {
-        let mut status = Family::gauge(
-            "newapi_channel_status",
-            "Channel status: 1 enabled, 2 disabled by hand, 3 disabled automatically.",
-        );
-        let mut balance = Family::gauge(
-            "newapi_channel_balance_usd",
-            "Channel balance in USD as last fetched by the gateway.",
-        );
-        let mut response = Family::gauge(
-            "newapi_channel_response_time_seconds",
-            "Response time of the channel's last test by the gateway.",
-        );
+        let mut status = Family::of(&crate::metrics::CHANNEL_STATUS);
+        let mut balance = Family::of(&crate::metrics::CHANNEL_BALANCE_USD);
+        let mut response = Family::of(&crate::metrics::CHANNEL_RESPONSE_TIME_SECONDS);
         for c in &self.channels {
             let l = [
                 (CHANNEL_LABELS[0], c.id.as_str()),

@@ -353,38 +353,14 @@ impl Collector for LogsCollector {
     }
 
     fn render(&self, ctx: &Context, out: &mut Vec<MetricFamily>) {
-        let mut requests = Family::counter(
-            "newapi_requests_total",
-            "Billed requests: consume log rows (type 2).",
-        );
-        let mut quota = Family::counter(
-            "newapi_quota_total",
-            "Quota billed: sum of quota over consume log rows with quota >= 0 (divide by newapi_quota_per_unit for USD).",
-        );
-        let mut corrections = Family::counter(
-            "newapi_quota_corrections_total",
-            "Absolute sum of negative quota on consume log rows (corrections).",
-        );
-        let mut tokens = Family::counter(
-            "newapi_tokens_total",
-            "Tokens on consume log rows, by token_type (prompt, completion).",
-        );
-        let mut use_time = Family::counter(
-            "newapi_use_time_seconds_total",
-            "Sum of use_time (whole seconds) over consume log rows.",
-        );
-        let mut refunds = Family::counter(
-            "newapi_refunds_total",
-            "Refund log rows (type 6, new-api only).",
-        );
-        let mut refund_quota = Family::counter(
-            "newapi_refund_quota_total",
-            "Quota given back by refund log rows (type 6, new-api only).",
-        );
-        let mut errors = Family::counter(
-            "newapi_errors_total",
-            "Error log rows (type 5, new-api only; written when the gateway runs with ERROR_LOG_ENABLED).",
-        );
+        let mut requests = Family::of(&crate::metrics::REQUESTS_TOTAL);
+        let mut quota = Family::of(&crate::metrics::QUOTA_TOTAL);
+        let mut corrections = Family::of(&crate::metrics::QUOTA_CORRECTIONS_TOTAL);
+        let mut tokens = Family::of(&crate::metrics::TOKENS_TOTAL);
+        let mut use_time = Family::of(&crate::metrics::USE_TIME_SECONDS_TOTAL);
+        let mut refunds = Family::of(&crate::metrics::REFUNDS_TOTAL);
+        let mut refund_quota = Family::of(&crate::metrics::REFUND_QUOTA_TOTAL);
+        let mut errors = Family::of(&crate::metrics::ERRORS_TOTAL);
         let mut keys: Vec<_> = self.usage.keys().collect();
         keys.sort();
         for key in keys {

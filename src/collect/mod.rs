@@ -172,12 +172,13 @@ pub trait Collector: Send {
 pub struct Family(MetricFamily);
 
 impl Family {
-    pub fn counter(name: &str, help: &str) -> Self {
-        Self::with_type(name, help, MetricType::COUNTER)
-    }
-
-    pub fn gauge(name: &str, help: &str) -> Self {
-        Self::with_type(name, help, MetricType::GAUGE)
+    /// An empty family for a counter or gauge definition.
+    pub fn of(def: &crate::metrics::MetricDef) -> Self {
+        let t = match def.kind {
+            crate::metrics::Kind::Counter => MetricType::COUNTER,
+            _ => MetricType::GAUGE,
+        };
+        Self::with_type(def.name, def.help, t)
     }
 
     fn with_type(name: &str, help: &str, t: MetricType) -> Self {

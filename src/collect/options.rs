@@ -96,19 +96,13 @@ impl Collector for OptionsCollector {
     }
 
     fn render(&self, ctx: &Context, out: &mut Vec<MetricFamily>) {
-        let mut f = Family::gauge(
-            "newapi_quota_per_unit",
-            "Quota units per USD (options.QuotaPerUnit, default 500000): USD = quota / this.",
-        );
+        let mut f = Family::of(&crate::metrics::QUOTA_PER_UNIT);
         f.sample(&[], ctx.options.quota_per_unit);
         f.finish(out);
         if ctx.schema.quota_data.is_none() {
             return; // one-api: no dashboard export to describe
         }
-        let mut f = Family::gauge(
-            "newapi_quota_data_export_enabled",
-            "1 when the gateway writes quota_data (options.DataExportEnabled, default true), else 0.",
-        );
+        let mut f = Family::of(&crate::metrics::QUOTA_DATA_EXPORT_ENABLED);
         f.sample(
             &[],
             if ctx.options.data_export_enabled {
@@ -118,10 +112,7 @@ impl Collector for OptionsCollector {
             },
         );
         f.finish(out);
-        let mut f = Family::gauge(
-            "newapi_quota_data_export_interval_seconds",
-            "How often each gateway node flushes its quota_data map (options.DataExportInterval, default 5 minutes).",
-        );
+        let mut f = Family::of(&crate::metrics::QUOTA_DATA_EXPORT_INTERVAL_SECONDS);
         f.sample(&[], ctx.options.data_export_interval_seconds as f64);
         f.finish(out);
     }

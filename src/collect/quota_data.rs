@@ -267,18 +267,9 @@ impl Collector for QuotaDataCollector {
     }
 
     fn render(&self, _ctx: &Context, out: &mut Vec<MetricFamily>) {
-        let mut requests = Family::counter(
-            "newapi_quota_data_requests_total",
-            "Requests the gateway's dashboard recorded: sum of quota_data.count.",
-        );
-        let mut quota = Family::counter(
-            "newapi_quota_data_quota_total",
-            "Quota the gateway's dashboard recorded: sum of quota_data.quota.",
-        );
-        let mut tokens = Family::counter(
-            "newapi_quota_data_tokens_total",
-            "Tokens the gateway's dashboard recorded: sum of quota_data.token_used.",
-        );
+        let mut requests = Family::of(&crate::metrics::QUOTA_DATA_REQUESTS_TOTAL);
+        let mut quota = Family::of(&crate::metrics::QUOTA_DATA_QUOTA_TOTAL);
+        let mut tokens = Family::of(&crate::metrics::QUOTA_DATA_TOKENS_TOTAL);
         for (model, t) in &self.emitted {
             let l = [("model", model.as_str())];
             requests.sample(&l, t.requests.max(0) as f64);

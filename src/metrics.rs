@@ -1,0 +1,299 @@
+//! Every metric the exporter publishes, defined once: its Prometheus name, help text and
+//! type, and its OpenTelemetry name and unit. Collectors render from these definitions and the
+//! OTLP exporter maps them, so both sides always agree.
+
+/// What kind of metric a definition is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    /// The OpenTelemetry instrument's name and unit (UCUM).
+    pub otel_name: &'static str,
+    pub otel_unit: &'static str,
+}
+
+pub const REQUESTS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_requests_total",
+    help: "Billed requests: consume log rows (type 2).",
+    kind: Kind::Counter,
+    otel_name: "newapi.requests",
+    otel_unit: "{request}",
+};
+pub const QUOTA_TOTAL: MetricDef = MetricDef {
+    name: "newapi_quota_total",
+    help: "Quota billed: sum of quota over consume log rows with quota >= 0 (divide by newapi_quota_per_unit for USD).",
+    kind: Kind::Counter,
+    otel_name: "newapi.quota",
+    otel_unit: "{quota}",
+};
+pub const QUOTA_CORRECTIONS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_quota_corrections_total",
+    help: "Absolute sum of negative quota on consume log rows (corrections).",
+    kind: Kind::Counter,
+    otel_name: "newapi.quota.corrections",
+    otel_unit: "{quota}",
+};
+pub const TOKENS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_tokens_total",
+    help: "Tokens on consume log rows, by token_type (prompt, completion).",
+    kind: Kind::Counter,
+    otel_name: "newapi.tokens",
+    otel_unit: "{token}",
+};
+pub const USE_TIME_SECONDS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_use_time_seconds_total",
+    help: "Sum of use_time (whole seconds) over consume log rows.",
+    kind: Kind::Counter,
+    otel_name: "newapi.use_time",
+    otel_unit: "s",
+};
+pub const REFUNDS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_refunds_total",
+    help: "Refund log rows (type 6, new-api only).",
+    kind: Kind::Counter,
+    otel_name: "newapi.refunds",
+    otel_unit: "{refund}",
+};
+pub const REFUND_QUOTA_TOTAL: MetricDef = MetricDef {
+    name: "newapi_refund_quota_total",
+    help: "Quota given back by refund log rows (type 6, new-api only).",
+    kind: Kind::Counter,
+    otel_name: "newapi.refund.quota",
+    otel_unit: "{quota}",
+};
+pub const ERRORS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_errors_total",
+    help: "Error log rows (type 5, new-api only; written when the gateway runs with ERROR_LOG_ENABLED).",
+    kind: Kind::Counter,
+    otel_name: "newapi.errors",
+    otel_unit: "{error}",
+};
+pub const CHANNEL_STATUS: MetricDef = MetricDef {
+    name: "newapi_channel_status",
+    help: "Channel status: 1 enabled, 2 disabled by hand, 3 disabled automatically.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.channel.status",
+    otel_unit: "1",
+};
+pub const CHANNEL_BALANCE_USD: MetricDef = MetricDef {
+    name: "newapi_channel_balance_usd",
+    help: "Channel balance in USD as last fetched by the gateway.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.channel.balance",
+    otel_unit: "USD",
+};
+pub const CHANNEL_RESPONSE_TIME_SECONDS: MetricDef = MetricDef {
+    name: "newapi_channel_response_time_seconds",
+    help: "Response time of the channel's last test by the gateway.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.channel.response_time",
+    otel_unit: "s",
+};
+pub const QUOTA_PER_UNIT: MetricDef = MetricDef {
+    name: "newapi_quota_per_unit",
+    help: "Quota units per USD (options.QuotaPerUnit, default 500000): USD = quota / this.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_per_unit",
+    otel_unit: "{quota}/USD",
+};
+pub const QUOTA_DATA_EXPORT_ENABLED: MetricDef = MetricDef {
+    name: "newapi_quota_data_export_enabled",
+    help: "1 when the gateway writes quota_data (options.DataExportEnabled, default true), else 0.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.export.enabled",
+    otel_unit: "1",
+};
+pub const QUOTA_DATA_EXPORT_INTERVAL_SECONDS: MetricDef = MetricDef {
+    name: "newapi_quota_data_export_interval_seconds",
+    help: "How often each gateway node flushes its quota_data map (options.DataExportInterval, default 5 minutes).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.export.interval",
+    otel_unit: "s",
+};
+pub const QUOTA_DATA_REQUESTS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_quota_data_requests_total",
+    help: "Requests the gateway's dashboard recorded: sum of quota_data.count.",
+    kind: Kind::Counter,
+    otel_name: "newapi.quota_data.requests",
+    otel_unit: "{request}",
+};
+pub const QUOTA_DATA_QUOTA_TOTAL: MetricDef = MetricDef {
+    name: "newapi_quota_data_quota_total",
+    help: "Quota the gateway's dashboard recorded: sum of quota_data.quota.",
+    kind: Kind::Counter,
+    otel_name: "newapi.quota_data.quota",
+    otel_unit: "{quota}",
+};
+pub const QUOTA_DATA_TOKENS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_quota_data_tokens_total",
+    help: "Tokens the gateway's dashboard recorded: sum of quota_data.token_used.",
+    kind: Kind::Counter,
+    otel_name: "newapi.quota_data.tokens",
+    otel_unit: "{token}",
+};
+pub const QUOTA_DATA_LAG_SECONDS: MetricDef = MetricDef {
+    name: "newapi_quota_data_lag_seconds",
+    help: "Newest consume log time minus the end of the newest quota_data hour (0 when recording keeps up); async task settlement rows left out.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.lag",
+    otel_unit: "s",
+};
+pub const QUOTA_DATA_MODEL_LAG_SECONDS: MetricDef = MetricDef {
+    name: "newapi_quota_data_model_lag_seconds",
+    help: "Per model: newest consume log time minus the end of its newest quota_data hour (minus its first log when quota_data has none).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.model_lag",
+    otel_unit: "s",
+};
+pub const QUOTA_DATA_MISSING_QUOTA: MetricDef = MetricDef {
+    name: "newapi_quota_data_missing_quota",
+    help: "Quota in consume logs of settled hours in the window that never reached quota_data.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.missing.quota",
+    otel_unit: "{quota}",
+};
+pub const QUOTA_DATA_MISSING_REQUESTS: MetricDef = MetricDef {
+    name: "newapi_quota_data_missing_requests",
+    help: "Consume log rows of settled hours in the window missing from quota_data counts.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.missing.requests",
+    otel_unit: "{request}",
+};
+pub const QUOTA_DATA_EXCESS_QUOTA: MetricDef = MetricDef {
+    name: "newapi_quota_data_excess_quota",
+    help: "Quota in quota_data beyond the consume logs of settled hours in the window (deleted logs, duplicate rows).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.excess.quota",
+    otel_unit: "{quota}",
+};
+pub const QUOTA_DATA_EXCESS_REQUESTS: MetricDef = MetricDef {
+    name: "newapi_quota_data_excess_requests",
+    help: "Requests in quota_data beyond the consume logs of settled hours in the window.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.excess.requests",
+    otel_unit: "{request}",
+};
+pub const QUOTA_DATA_UNMIRRORED_QUOTA: MetricDef = MetricDef {
+    name: "newapi_quota_data_unmirrored_quota",
+    help: "Quota of async task settlement rows in the window: billed, never written to quota_data by design.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.unmirrored.quota",
+    otel_unit: "{quota}",
+};
+pub const QUOTA_DATA_DUPLICATE_ROWS: MetricDef = MetricDef {
+    name: "newapi_quota_data_duplicate_rows",
+    help: "quota_data rows of settled hours in the window beyond the first for the same (hour, user, username, model).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.duplicate_rows",
+    otel_unit: "{row}",
+};
+pub const QUOTA_DATA_SETTLED_UNTIL_TIMESTAMP_SECONDS: MetricDef = MetricDef {
+    name: "newapi_quota_data_settled_until_timestamp_seconds",
+    help: "End of the newest settled hour: missing and excess cover the window's hours before it.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.settled_until",
+    otel_unit: "s",
+};
+pub const UP: MetricDef = MetricDef {
+    name: "newapi_up",
+    help: "1 when the last poll of the gateway's database succeeded, else 0.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.up",
+    otel_unit: "1",
+};
+pub const EXPORTER_BUILD_INFO: MetricDef = MetricDef {
+    name: "newapi_exporter_build_info",
+    help: "Constant 1, labeled with the exporter's version.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.exporter.build_info",
+    otel_unit: "1",
+};
+pub const EXPORTER_POLL_DURATION_SECONDS: MetricDef = MetricDef {
+    name: "newapi_exporter_poll_duration_seconds",
+    help: "Time one poll of the gateway's database took.",
+    kind: Kind::Histogram,
+    otel_name: "newapi.exporter.poll.duration",
+    otel_unit: "s",
+};
+pub const EXPORTER_POLL_ERRORS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_exporter_poll_errors_total",
+    help: "Polls that failed (the previous state kept being served).",
+    kind: Kind::Counter,
+    otel_name: "newapi.exporter.poll.errors",
+    otel_unit: "{poll}",
+};
+pub const EXPORTER_ROWS_READ_TOTAL: MetricDef = MetricDef {
+    name: "newapi_exporter_rows_read_total",
+    help: "Rows the exporter read from the gateway's database, by table.",
+    kind: Kind::Counter,
+    otel_name: "newapi.exporter.rows_read",
+    otel_unit: "{row}",
+};
+pub const EXPORTER_LAST_POLL_TIMESTAMP_SECONDS: MetricDef = MetricDef {
+    name: "newapi_exporter_last_poll_timestamp_seconds",
+    help: "Unix time the last poll finished, successful or not.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.exporter.last_poll",
+    otel_unit: "s",
+};
+pub const EXPORTER_LOGS_CURSOR: MetricDef = MetricDef {
+    name: "newapi_exporter_logs_cursor",
+    help: "Highest logs.id ingested.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.exporter.logs_cursor",
+    otel_unit: "1",
+};
+pub const EXPORTER_OTLP_ERRORS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_exporter_otlp_errors_total",
+    help: "OTLP exports that failed (the collector was down, slow or refused them).",
+    kind: Kind::Counter,
+    otel_name: "newapi.exporter.otlp.errors",
+    otel_unit: "{export}",
+};
+
+/// All of them, in the order `docs/metrics.md` lists them.
+pub const ALL: &[MetricDef] = &[
+    REQUESTS_TOTAL,
+    QUOTA_TOTAL,
+    QUOTA_CORRECTIONS_TOTAL,
+    TOKENS_TOTAL,
+    USE_TIME_SECONDS_TOTAL,
+    REFUNDS_TOTAL,
+    REFUND_QUOTA_TOTAL,
+    ERRORS_TOTAL,
+    CHANNEL_STATUS,
+    CHANNEL_BALANCE_USD,
+    CHANNEL_RESPONSE_TIME_SECONDS,
+    QUOTA_PER_UNIT,
+    QUOTA_DATA_EXPORT_ENABLED,
+    QUOTA_DATA_EXPORT_INTERVAL_SECONDS,
+    QUOTA_DATA_REQUESTS_TOTAL,
+    QUOTA_DATA_QUOTA_TOTAL,
+    QUOTA_DATA_TOKENS_TOTAL,
+    QUOTA_DATA_LAG_SECONDS,
+    QUOTA_DATA_MODEL_LAG_SECONDS,
+    QUOTA_DATA_MISSING_QUOTA,
+    QUOTA_DATA_MISSING_REQUESTS,
+    QUOTA_DATA_EXCESS_QUOTA,
+    QUOTA_DATA_EXCESS_REQUESTS,
+    QUOTA_DATA_UNMIRRORED_QUOTA,
+    QUOTA_DATA_DUPLICATE_ROWS,
+    QUOTA_DATA_SETTLED_UNTIL_TIMESTAMP_SECONDS,
+    UP,
+    EXPORTER_BUILD_INFO,
+    EXPORTER_POLL_DURATION_SECONDS,
+    EXPORTER_POLL_ERRORS_TOTAL,
+    EXPORTER_ROWS_READ_TOTAL,
+    EXPORTER_LAST_POLL_TIMESTAMP_SECONDS,
+    EXPORTER_LOGS_CURSOR,
+    EXPORTER_OTLP_ERRORS_TOTAL,
+];
