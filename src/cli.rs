@@ -187,6 +187,12 @@ pub struct WebArgs {
     #[arg(long = "poll-interval", default_value = "15s", value_name = "DURATION",
           value_parser = parse_duration)]
     pub poll_interval: Duration,
+
+    /// Also push the metrics over OTLP to this collector (a base URL, like
+    /// OTEL_EXPORTER_OTLP_ENDPOINT). The standard OTEL_* variables apply; off when no endpoint
+    /// is set.
+    #[arg(long = "otlp.endpoint", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod collect;
 pub mod db;
 pub mod demo;
+pub mod export;
 pub mod metrics;
 pub mod poller;
 pub mod reconcile;

@@ -297,3 +297,43 @@ pub const ALL: &[MetricDef] = &[
     EXPORTER_LOGS_CURSOR,
     EXPORTER_OTLP_ERRORS_TOTAL,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::ALL;
+
+    #[test]
+    fn every_metric_is_documented_with_both_names() {
+        let doc = include_str!("../docs/metrics.md");
+        for def in ALL {
+            assert!(
+                doc.contains(&format!("`{}", def.name)),
+                "{} not in docs/metrics.md",
+                def.name
+            );
+            assert!(
+                doc.contains(&format!("`{}`", def.otel_name)),
+                "{} not in docs/metrics.md",
+                def.otel_name
+            );
+        }
+    }
+
+    #[test]
+    fn names_follow_the_conventions() {
+        let mut seen = std::collections::HashSet::new();
+        for def in ALL {
+            assert!(seen.insert(def.name), "{} defined twice", def.name);
+            assert!(def.name.starts_with("newapi_"), "{}", def.name);
+            let counter = def.kind == super::Kind::Counter;
+            assert_eq!(
+                counter,
+                def.name.ends_with("_total"),
+                "{}: _total is for counters",
+                def.name
+            );
+            assert!(!def.otel_name.ends_with("_total") && def.otel_name.starts_with("newapi."));
+            assert!(!def.help.is_empty());
+        }
+    }
+}

@@ -188,6 +188,17 @@ pub struct Poller {
 }
 
 impl Poller {
+    /// Adds `newapi_exporter_otlp_errors_total` to the exporter's metrics and returns it.
+    pub fn otlp_error_counter(&mut self) -> IntCounter {
+        let def = &crate::metrics::EXPORTER_OTLP_ERRORS_TOTAL;
+        let c = IntCounter::new(def.name, def.help).expect("valid metric");
+        self.health
+            .registry
+            .register(Box::new(c.clone()))
+            .expect("registered once");
+        c
+    }
+
     pub fn new(
         connect: Connector,
         database: String,

@@ -433,7 +433,8 @@ impl Collector for ReconcileCollector {
         }
         f.finish(out);
         use crate::metrics as m;
-        let per_model: [(&m::MetricDef, fn(&Comparison) -> i64); 5] = [
+        type Field = fn(&Comparison) -> i64;
+        let per_model: [(&m::MetricDef, Field); 5] = [
             (&m::QUOTA_DATA_MISSING_QUOTA, |c| c.missing.quota),
             (&m::QUOTA_DATA_MISSING_REQUESTS, |c| c.missing.requests),
             (&m::QUOTA_DATA_EXCESS_QUOTA, |c| c.excess.quota),

@@ -65,8 +65,16 @@ pub fn poller_for(db: &DbArgs, window: &WindowArgs, stop: Arc<AtomicBool>) -> Re
 }
 
 /// Serves metrics until SIGINT or SIGTERM, then stops the poll thread and sets `stop`.
-pub async fn run(web: &WebArgs, poller: Poller, stop: Arc<AtomicBool>) -> Result<()> {
+pub async fn run(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Result<()> {
     let shared = Arc::new(Shared::default());
+    let otlp = match crate::export::otlp::settings(web.otlp_endpoint.as_deref())? {
+        Some(s) => Some(crate::export::otlp::Otlp::start(
+            &s,
+            shared.clone(),
+            poller.otlp_error_counter(),
+        )?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(web.listen_address)
         .await
         .with_context(|| {
@@ -91,9 +99,14 @@ pub async fn run(web: &WebArgs, poller: Poller, stop: Arc<AtomicBool>) -> Result
         })
         .await?;
     stop.store(true, Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || poll_thread.join())
-        .await
-        .ok();
+    tokio::task::spawn_blocking(move || {
+        let _ = poll_thread.join();
+        if let Some(o) = otlp {
+            o.shutdown();
+        }
+    })
+    .await
+    .ok();
     tracing::info!("stopped");
     Ok(())
 }

@@ -198,8 +198,14 @@ pub struct Running {
 impl Running {
     /// Starts `newapi-exporter ARGS --web.listen-address 127.0.0.1:0` and waits for it to listen.
     pub fn start(args: &[&str]) -> Running {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Like [`Running::start`], with extra environment variables.
+    pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Running {
         let mut child = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
             .args(args)
+            .envs(envs.iter().copied())
             .args(["--web.listen-address", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,3 @@
+//! Outputs besides the Prometheus endpoint (which [`crate::web`] serves).
+
+pub mod otlp;

@@ -1,0 +1,362 @@
+//! The same metrics over OTLP, for OpenTelemetry pipelines.
+//!
+//! One observable instrument per metric definition ([`crate::metrics::ALL`]); each callback
+//! reads the snapshot that `/metrics` serves, so both outputs always show the same state. The
+//! SDK's periodic reader exports from a thread of its own: a collector that is down or slow
+//! delays nothing else, and cumulative observable instruments keep no history in memory.
+//!
+//! Configuration follows the OpenTelemetry environment variables; `--otlp.endpoint` acts like
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`. Nothing is exported when no endpoint is set.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry_otlp::{MetricExporter, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
+use prometheus::proto::{LabelPair, Metric, MetricFamily};
+
+use crate::metrics::{self, Kind, MetricDef};
+use crate::poller::{Shared, Snapshot};
+
+const DEFAULT_SERVICE_NAME: &str = "newapi-exporter";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    HttpProtobuf,
+    Grpc,
+}
+
+/// Where and how to export, when OTLP is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// The metrics endpoint from `--otlp.endpoint`; `None` leaves it to the environment.
+    pub endpoint: Option<String>,
+    pub protocol: Protocol,
+    /// For messages: where the data goes.
+    pub target: String,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// OTLP settings from the flag and the standard variables, or `None` when no endpoint is set.
+pub fn settings(flag: Option<&str>) -> Result<Option<Settings>> {
+    let protocol_var = [
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .into_iter()
+    .find_map(|v| env(v).map(|value| (v, value)));
+    let protocol = match protocol_var {
+        None => Protocol::HttpProtobuf,
+        Some((_, p)) if p == "http/protobuf" => Protocol::HttpProtobuf,
+        Some((_, p)) if p == "grpc" => Protocol::Grpc,
+        Some((var, p)) => bail!("{var}={p:?} is not supported: use http/protobuf or grpc"),
+    };
+    let flag = flag.map(str::trim).filter(|f| !f.is_empty());
+    let endpoint = match (flag, protocol) {
+        // Like OTEL_EXPORTER_OTLP_ENDPOINT: a base URL, to which HTTP adds the signal's path.
+        (Some(f), Protocol::HttpProtobuf) => {
+            Some(format!("{}/v1/metrics", f.trim_end_matches('/')))
+        }
+        (Some(f), Protocol::Grpc) => Some(f.to_string()),
+        (None, _) => None,
+    };
+    let target = match (
+        &endpoint,
+        env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
+        env("OTEL_EXPORTER_OTLP_ENDPOINT"),
+    ) {
+        (Some(e), _, _) => e.clone(),
+        (None, Some(e), _) => e,
+        (None, None, Some(e)) => e,
+        (None, None, None) => return Ok(None),
+    };
+    for url in [&target] {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("OTLP endpoint {url:?} must be an http:// or https:// URL");
+        }
+    }
+    Ok(Some(Settings {
+        endpoint,
+        protocol,
+        target,
+    }))
+}
+
+/// The OTel attribute for a Prometheus label, following the GenAI semantic conventions where
+/// they fit.
+fn attribute(label: &str, value: &str) -> KeyValue {
+    match label {
+        "model" => KeyValue::new("gen_ai.request.model", value.to_string()),
+        "token_type" => KeyValue::new(
+            "gen_ai.token.type",
+            match value {
+                "prompt" => "input".to_string(),
+                "completion" => "output".to_string(),
+                other => other.to_string(),
+            },
+        ),
+        "channel_id" => KeyValue::new("newapi.channel.id", value.to_string()),
+        "channel_name" => KeyValue::new("newapi.channel.name", value.to_string()),
+        "channel_type" => KeyValue::new("newapi.channel.type", value.to_string()),
+        "group" => KeyValue::new("newapi.group", value.to_string()),
+        "table" => KeyValue::new("newapi.table", value.to_string()),
+        "version" => KeyValue::new("newapi.exporter.version", value.to_string()),
+        other => KeyValue::new(format!("newapi.{other}"), value.to_string()),
+    }
+}
+
+/// `gen_ai.provider.name` for the gateway's channel type names that have one.
+pub fn provider_name(channel_type: &str) -> Option<&'static str> {
+    Some(match channel_type {
+        "OpenAI" => "openai",
+        "Azure" => "azure.ai.openai",
+        "Anthropic" => "anthropic",
+        "Gemini" => "gcp.gemini",
+        "VertexAI" => "gcp.vertex_ai",
+        "AWS" => "aws.bedrock",
+        "DeepSeek" => "deepseek",
+        "xAI" => "x_ai",
+        "Mistral" => "mistral_ai",
+        "Cohere" => "cohere",
+        "Perplexity" => "perplexity",
+        _ => return None,
+    })
+}
+
+fn label<'a>(labels: &'a [LabelPair], name: &str) -> Option<&'a str> {
+    labels.iter().find(|l| l.name() == name).map(|l| l.value())
+}
+
+/// Attributes of one sample; `providers` maps channel ids to `gen_ai.provider.name`.
+fn attributes(m: &Metric, providers: &HashMap<String, &'static str>) -> Vec<KeyValue> {
+    let labels = m.get_label();
+    let mut out: Vec<KeyValue> = labels
+        .iter()
+        .map(|l| attribute(l.name(), l.value()))
+        .collect();
+    let provider = match label(labels, "channel_type") {
+        Some(t) => provider_name(t),
+        None => label(labels, "channel_id").and_then(|id| providers.get(id).copied()),
+    };
+    if let Some(p) = provider {
+        out.push(KeyValue::new("gen_ai.provider.name", p));
+    }
+    out
+}
+
+/// Channel id to provider, from the channel status series of a snapshot.
+fn providers(snap: &Snapshot) -> HashMap<String, &'static str> {
+    snap.families
+        .iter()
+        .filter(|f| f.name() == metrics::CHANNEL_STATUS.name)
+        .flat_map(|f| f.get_metric())
+        .filter_map(|m| {
+            let labels = m.get_label();
+            let id = label(labels, "channel_id")?;
+            Some((
+                id.to_string(),
+                provider_name(label(labels, "channel_type")?)?,
+            ))
+        })
+        .collect()
+}
+
+fn family<'a>(snap: &'a Snapshot, def: &MetricDef) -> Option<&'a MetricFamily> {
+    snap.families.iter().find(|f| f.name() == def.name)
+}
+
+/// Counts failed exports and logs one error per outage.
+struct CountingExporter {
+    inner: MetricExporter,
+    errors: prometheus::IntCounter,
+    failing: AtomicBool,
+    target: String,
+}
+
+impl PushMetricExporter for CountingExporter {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        let result = self.inner.export(metrics).await;
+        match &result {
+            Err(e) => {
+                self.errors.inc();
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!("OTLP export to {} failed: {e}", self.target);
+                } else {
+                    tracing::debug!("OTLP export to {} failed again: {e}", self.target);
+                }
+            }
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("OTLP export to {} works again", self.target);
+                }
+            }
+        }
+        result
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.inner.temporality()
+    }
+}
+
+/// The resource: the SDK reads `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME`; the service
+/// is called newapi-exporter unless they say otherwise.
+fn resource() -> Resource {
+    let named = env("OTEL_SERVICE_NAME").is_some()
+        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| {
+            a.split(',')
+                .any(|kv| kv.trim_start().starts_with("service.name="))
+        });
+    let builder = Resource::builder();
+    if named {
+        builder.build()
+    } else {
+        builder.with_service_name(DEFAULT_SERVICE_NAME).build()
+    }
+}
+
+/// A running OTLP export; dropping it stops the exports.
+pub struct Otlp {
+    provider: SdkMeterProvider,
+}
+
+impl Otlp {
+    /// Starts exporting. Must run inside the tokio runtime (the gRPC client lives there).
+    pub fn start(
+        settings: &Settings,
+        shared: Arc<Shared>,
+        errors: prometheus::IntCounter,
+    ) -> Result<Otlp> {
+        let exporter = match settings.protocol {
+            Protocol::HttpProtobuf => {
+                let b = MetricExporter::builder()
+                    .with_http()
+                    .with_temporality(Temporality::Cumulative);
+                match &settings.endpoint {
+                    Some(e) => b.with_endpoint(e.clone()).build(),
+                    None => b.build(),
+                }
+            }
+            Protocol::Grpc => {
+                let b = MetricExporter::builder()
+                    .with_tonic()
+                    .with_temporality(Temporality::Cumulative);
+                match &settings.endpoint {
+                    Some(e) => b.with_endpoint(e.clone()).build(),
+                    None => b.build(),
+                }
+            }
+        }
+        .map_err(|e| anyhow::anyhow!("cannot set up OTLP export to {}: {e}", settings.target))?;
+        let reader = PeriodicReader::builder(CountingExporter {
+            inner: exporter,
+            errors,
+            failing: AtomicBool::new(false),
+            target: settings.target.clone(),
+        })
+        .build();
+        let provider = SdkMeterProvider::builder()
+            .with_reader(reader)
+            .with_resource(resource())
+            .build();
+        register_instruments(&provider, shared);
+        tracing::info!(
+            "exporting metrics over OTLP ({:?}) to {}",
+            settings.protocol,
+            settings.target
+        );
+        Ok(Otlp { provider })
+    }
+
+    /// Stops exporting without waiting on a collector that does not answer.
+    pub fn shutdown(self) {
+        let _ = self
+            .provider
+            .shutdown_with_timeout(Duration::from_millis(500));
+    }
+}
+
+fn register_instruments(provider: &SdkMeterProvider, shared: Arc<Shared>) {
+    let meter = provider.meter("newapi-exporter");
+    for def in metrics::ALL {
+        let def: &'static MetricDef = def;
+        let shared = shared.clone();
+        match def.kind {
+            Kind::Counter => {
+                meter
+                    .f64_observable_counter(def.otel_name)
+                    .with_description(def.help)
+                    .with_unit(def.otel_unit)
+                    .with_callback(move |o| {
+                        let snap = shared.snapshot();
+                        let p = providers(&snap);
+                        for m in family(&snap, def).into_iter().flat_map(|f| f.get_metric()) {
+                            o.observe(m.get_counter().get_value(), &attributes(m, &p));
+                        }
+                    })
+                    .build();
+            }
+            Kind::Gauge => {
+                meter
+                    .f64_observable_gauge(def.otel_name)
+                    .with_description(def.help)
+                    .with_unit(def.otel_unit)
+                    .with_callback(move |o| {
+                        let snap = shared.snapshot();
+                        let p = providers(&snap);
+                        for m in family(&snap, def).into_iter().flat_map(|f| f.get_metric()) {
+                            o.observe(m.get_gauge().get_value(), &attributes(m, &p));
+                        }
+                    })
+                    .build();
+            }
+            // OpenTelemetry has no asynchronous histogram: the poll-time histogram goes out as
+            // its total time and its count.
+            Kind::Histogram => {
+                let count_shared = shared.clone();
+                meter
+                    .f64_observable_counter(def.otel_name)
+                    .with_description(def.help)
+                    .with_unit(def.otel_unit)
+                    .with_callback(move |o| {
+                        let snap = shared.snapshot();
+                        for m in family(&snap, def).into_iter().flat_map(|f| f.get_metric()) {
+                            o.observe(m.get_histogram().get_sample_sum(), &[]);
+                        }
+                    })
+                    .build();
+                meter
+                    .u64_observable_counter(format!("{}.count", def.otel_name))
+                    .with_description(def.help)
+                    .with_unit("{poll}")
+                    .with_callback(move |o| {
+                        let snap = count_shared.snapshot();
+                        for m in family(&snap, def).into_iter().flat_map(|f| f.get_metric()) {
+                            o.observe(m.get_histogram().get_sample_count(), &[]);
+                        }
+                    })
+                    .build();
+            }
+        }
+    }
+}
