@@ -296,6 +296,21 @@ impl Otlp {
     }
 }
 
+/// A callback observing every sample of `def` in the current snapshot.
+fn observe(
+    shared: Arc<Shared>,
+    def: &'static MetricDef,
+    value: fn(&Metric) -> f64,
+) -> impl Fn(&dyn opentelemetry::metrics::AsyncInstrument<f64>) + Send + Sync + 'static {
+    move |o| {
+        let snap = shared.snapshot();
+        let p = providers(&snap);
+        for m in family(&snap, def).into_iter().flat_map(|f| f.get_metric()) {
+            o.observe(value(m), &attributes(m, &p));
+        }
+    }
+}
+
 fn register_instruments(provider: &SdkMeterProvider, shared: Arc<Shared>) {
     let meter = provider.meter("newapi-exporter");
     for def in metrics::ALL {
@@ -307,13 +322,7 @@ fn register_instruments(provider: &SdkMeterProvider, shared: Arc<Shared>) {
                     .f64_observable_counter(def.otel_name)
                     .with_description(def.help)
                     .with_unit(def.otel_unit)
-                    .with_callback(move |o| {
-                        let snap = shared.snapshot();
-                        let p = providers(&snap);
-                        for m in family(&snap, def).into_iter().flat_map(|f| f.get_metric()) {
-                            o.observe(m.get_counter().get_value(), &attributes(m, &p));
-                        }
-                    })
+                    .with_callback(observe(shared, def, |m| m.get_counter().get_value()))
                     .build();
             }
             Kind::Gauge => {
@@ -321,13 +330,7 @@ fn register_instruments(provider: &SdkMeterProvider, shared: Arc<Shared>) {
                     .f64_observable_gauge(def.otel_name)
                     .with_description(def.help)
                     .with_unit(def.otel_unit)
-                    .with_callback(move |o| {
-                        let snap = shared.snapshot();
-                        let p = providers(&snap);
-                        for m in family(&snap, def).into_iter().flat_map(|f| f.get_metric()) {
-                            o.observe(m.get_gauge().get_value(), &attributes(m, &p));
-                        }
-                    })
+                    .with_callback(observe(shared, def, |m| m.get_gauge().get_value()))
                     .build();
             }
             // OpenTelemetry has no asynchronous histogram: the poll-time histogram goes out as
