@@ -250,6 +250,15 @@ impl Poller {
 
     /// One poll: every collector runs even when another fails; the first error is returned.
     fn poll_collectors(&mut self) -> Result<()> {
+        if self.sources.as_ref().is_some_and(Sources::is_replaced) {
+            // A different database now: its totals replace ours (like an exporter restart).
+            tracing::warn!(
+                "{} was replaced (a new file at the same path): reading it from the start",
+                self.database
+            );
+            self.sources = None;
+            self.pipeline = None;
+        }
         if self.sources.is_none() {
             self.sources = Some((self.connect)()?);
         }

@@ -125,6 +125,12 @@ pub trait Database: Send {
     /// no transaction is held open across calls.
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>>;
 
+    /// True when the connection no longer reads what its address names: a SQLite file that
+    /// was replaced (a restored backup) keeps being readable through the old inode.
+    fn is_replaced(&self) -> bool {
+        false
+    }
+
     /// The one write the exporter makes (`backfill`): in a single transaction, for each item
     /// runs `update` with its first parameter list and, when that changed no row, `insert`
     /// with its second. Returns the number of items written.
@@ -265,6 +271,11 @@ impl Sources {
             Some(db) => db.as_mut(),
             None => self.main.as_mut(),
         }
+    }
+
+    /// Whether any database was replaced since it was opened.
+    pub fn is_replaced(&self) -> bool {
+        self.main.is_replaced() || self.logs.as_ref().is_some_and(|l| l.is_replaced())
     }
 
     /// Human-readable description of every database in use, passwords masked.

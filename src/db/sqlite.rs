@@ -19,6 +19,19 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct SqliteDb {
     path: PathBuf,
     conn: Connection,
+    /// (device, inode) of the file when it was opened.
+    identity: Option<(u64, u64)>,
+}
+
+#[cfg(unix)]
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn identity(_: &Path) -> Option<(u64, u64)> {
+    None
 }
 
 impl SqliteDb {
@@ -51,6 +64,7 @@ impl SqliteDb {
             })?;
         Ok(SqliteDb {
             path: path.to_path_buf(),
+            identity: identity(path),
             conn,
         })
     }
@@ -85,6 +99,10 @@ impl Database for SqliteDb {
 
     fn describe(&self) -> String {
         format!("sqlite:{}", self.path.display())
+    }
+
+    fn is_replaced(&self) -> bool {
+        self.identity.is_some() && identity(&self.path) != self.identity
     }
 
     fn table_columns(&mut self, table: &str) -> Result<Option<Vec<String>>> {

@@ -1,0 +1,153 @@
+//! Faults an operator meets: shutdown signals, a database file replaced under the exporter,
+//! and the gateway's log retention deleting old rows.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use newapi_exporter::demo;
+use rusqlite::Connection;
+
+fn sigterm_and_time_exit(exp: &mut Running) -> (Duration, std::process::ExitStatus) {
+    let started = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &exp.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    loop {
+        if let Some(status) = exp.child.try_wait().unwrap() {
+            return (started.elapsed(), status);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn sigterm_stops_within_a_second_even_during_a_cold_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    let gw = newapi_exporter::demo::gateway::Gateway::create(
+        &db,
+        newapi_exporter::demo::gateway::Flavor::NewApi,
+    )
+    .unwrap();
+    gw.conn
+        .execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000000)
+             INSERT INTO logs (user_id, created_at, type, model_name, quota, prompt_tokens, completion_tokens, channel_id)
+             SELECT i % 50, 1767225600 + i, 2, 'm' || (i % 9), 10, 1, 1, i % 4 FROM n;",
+        )
+        .unwrap();
+    drop(gw);
+
+    // Idle, after the first read.
+    let mut exp = Running::start(&["--sqlite-path", db.to_str().unwrap()]);
+    exp.wait_ready(Duration::from_secs(60));
+    let (took, status) = sigterm_and_time_exit(&mut exp);
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+
+    // In the middle of the cold start, with small chunks so that it lasts.
+    let mut exp = Running::start(&[
+        "--sqlite-path",
+        db.to_str().unwrap(),
+        "--db.chunk-rows",
+        "500",
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(exp.get("/-/ready").0, 503, "still reading");
+    let (took, status) = sigterm_and_time_exit(&mut exp);
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}
+
+fn consume_count(db: &Path) -> f64 {
+    Connection::open(db)
+        .unwrap()
+        .query_row("SELECT count(*) FROM logs WHERE type = 2", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap() as f64
+}
+
+fn requests(samples: &[Sample]) -> f64 {
+    series(samples, "newapi_requests_total").values().sum()
+}
+
+#[test]
+fn a_replaced_database_file_is_noticed_and_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    demo::create(&db, Duration::from_secs(12 * 3600), 1).unwrap();
+    let exp = Running::start(&[
+        "--sqlite-path",
+        db.to_str().unwrap(),
+        "--poll-interval",
+        "200ms",
+    ]);
+    exp.wait_ready(Duration::from_secs(30));
+    assert_eq!(requests(&exp.scrape()), consume_count(&db));
+
+    // A restored backup: another file moved over the path.
+    let other = dir.path().join("restored.db");
+    demo::create(&other, Duration::from_secs(3 * 3600), 2).unwrap();
+    let expected = consume_count(&other);
+    std::fs::rename(&other, &db).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while requests(&exp.scrape()) != expected {
+        assert!(
+            Instant::now() < deadline,
+            "the replaced file was not read again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let warned = exp
+        .stderr_lines()
+        .iter()
+        .any(|l| l.contains("was replaced"));
+    assert!(warned, "the replacement is logged");
+}
+
+#[test]
+fn deleting_old_logs_never_lowers_the_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    demo::create(&db, Duration::from_secs(12 * 3600), 3).unwrap();
+    let mut exp = InProcess::new(&db);
+    let before = requests(&exp.poll());
+    assert_eq!(before, consume_count(&db));
+    let conn = Connection::open(&db).unwrap();
+    let cutoff: i64 = conn
+        .query_row("SELECT MIN(created_at) + 6 * 3600 FROM logs", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    // The gateway's "delete old logs" action, then new traffic.
+    let deleted = conn
+        .execute("DELETE FROM logs WHERE created_at < ?1", [cutoff])
+        .unwrap();
+    assert!(deleted > 100);
+    for _ in 0..7 {
+        conn.execute(
+            "INSERT INTO logs (user_id, created_at, type, model_name, quota, prompt_tokens, completion_tokens, channel_id)
+             VALUES (1, 1767225600, 2, 'gpt-4o', 5, 1, 1, 1)",
+            [],
+        )
+        .unwrap();
+    }
+    let after = requests(&exp.poll());
+    assert_eq!(
+        after,
+        before + 7.0,
+        "old rows stay counted; new ones are added"
+    );
+    assert!(after > consume_count(&db));
+}
