@@ -188,6 +188,11 @@ pub struct WebArgs {
           value_parser = parse_duration)]
     pub poll_interval: Duration,
 
+    /// TLS and basic authentication for every endpoint, in the Prometheus exporter-toolkit
+    /// format (tls_server_config, basic_auth_users with bcrypt hashes).
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
+
     /// Also push the metrics over OTLP to this collector (a base URL, like
     /// OTEL_EXPORTER_OTLP_ENDPOINT). The standard OTEL_* variables apply; off when no endpoint
     /// is set.

@@ -26,3 +26,4 @@ pub mod report;
 pub mod schema;
 pub mod serve;
 pub mod web;
+pub mod web_config;

@@ -88,16 +88,45 @@ pub async fn run(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Re
     let poll_thread = std::thread::Builder::new()
         .name("poller".into())
         .spawn(move || poller.run(poll_shared, interval))?;
-    let addr = listener.local_addr()?;
-    tracing::info!("listening on http://{addr}{}", web.telemetry_path);
-    let app = crate::web::router(shared, &web.telemetry_path);
+    let web_config = match &web.web_config_file {
+        Some(p) => crate::web_config::WebConfig::load(p)?,
+        None => crate::web_config::WebConfig::default(),
+    };
+    let auth = crate::web_config::BasicAuth::new(web_config.users.clone());
+    let app = crate::web::router(shared, &web.telemetry_path).layer(
+        axum::middleware::from_fn_with_state(auth, crate::web_config::require_auth),
+    );
     let signal_stop = stop.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            signal_stop.store(true, Ordering::Relaxed);
-        })
-        .await?;
+    match web_config.rustls()? {
+        None => {
+            let addr = listener.local_addr()?;
+            tracing::info!("listening on http://{addr}{}", web.telemetry_path);
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    shutdown_signal().await;
+                    signal_stop.store(true, Ordering::Relaxed);
+                })
+                .await?;
+        }
+        Some(tls) => {
+            let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
+            let handle = axum_server::Handle::new();
+            let signal_handle = handle.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                signal_stop.store(true, Ordering::Relaxed);
+                signal_handle.graceful_shutdown(Some(std::time::Duration::from_millis(500)));
+            });
+            let server = axum_server::from_tcp_rustls(listener.into_std()?, tls)?
+                .handle(handle.clone())
+                .serve(app.into_make_service());
+            let task = tokio::spawn(server);
+            if let Some(addr) = handle.listening().await {
+                tracing::info!("listening on https://{addr}{}", web.telemetry_path);
+            }
+            task.await??;
+        }
+    }
     stop.store(true, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || {
         let _ = poll_thread.join();
