@@ -94,6 +94,36 @@ pub struct RangeArgs {
     pub settle_margin: Duration,
 }
 
+#[derive(Args, Debug, Clone, Default)]
+pub struct SeriesArgs {
+    /// Add a `user` label (the username) to the usage counters. Off by default: one series per
+    /// user and model can be many.
+    #[arg(long = "labels.user")]
+    pub user: bool,
+
+    /// Usage labels to leave out, comma-separated (model, channel_id, channel_name, group);
+    /// their series are summed together.
+    #[arg(long = "labels.exclude", value_name = "LABELS", value_delimiter = ',',
+          value_parser = ["model", "channel_id", "channel_name", "group"])]
+    pub exclude: Vec<String>,
+
+    /// Most series per metric (label sets, by first appearance); later ones are folded into
+    /// one `model="__other__"` series and counted in newapi_exporter_series_folded_total.
+    #[arg(long = "series.max-per-metric", value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_per_metric: Option<u64>,
+}
+
+impl SeriesArgs {
+    pub fn settings(&self) -> crate::collect::LabelSettings {
+        crate::collect::LabelSettings {
+            user: self.user,
+            exclude: self.exclude.iter().cloned().collect(),
+            max_series: self.max_per_metric.map(|n| n as usize),
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct WindowArgs {
     /// Settled hours compared by the reconciliation gauges (newapi_quota_data_missing_*, ...).
@@ -208,6 +238,8 @@ pub struct ServeArgs {
     pub web: WebArgs,
     #[command(flatten)]
     pub window: WindowArgs,
+    #[command(flatten)]
+    pub series: SeriesArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -229,6 +261,8 @@ pub struct DemoArgs {
     pub web: WebArgs,
     #[command(flatten)]
     pub window: WindowArgs,
+    #[command(flatten)]
+    pub series: SeriesArgs,
 }
 
 /// Unix seconds, or RFC 3339 with `Z` or a numeric offset.

@@ -73,7 +73,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn run_serve(args: ServeArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
-    let poller = serve::poller_for(&args.db, &args.window, stop.clone())?;
+    let poller = serve::poller_for(&args.db, &args.window, &args.series, stop.clone())?;
     runtime()?.block_on(serve::run(&args.web, poller, stop))
 }
 
@@ -92,7 +92,7 @@ fn run_demo(args: DemoArgs) -> Result<()> {
         log_sql_dsn: None,
         chunk_rows: 20_000,
     };
-    let poller = serve::poller_for(&db, &args.window, stop.clone())?;
+    let poller = serve::poller_for(&db, &args.window, &args.series, stop.clone())?;
     tracing::info!(
         "demo gateway writing {rate} requests/s into {}",
         args.db.display()

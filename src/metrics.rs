@@ -260,6 +260,14 @@ pub const EXPORTER_OTLP_ERRORS_TOTAL: MetricDef = MetricDef {
     otel_unit: "{export}",
 };
 
+pub const EXPORTER_SERIES_FOLDED_TOTAL: MetricDef = MetricDef {
+    name: "newapi_exporter_series_folded_total",
+    help: "Label sets folded into model=\"__other__\" by --series.max-per-metric, by family (usage, quota_data, reconcile).",
+    kind: Kind::Counter,
+    otel_name: "newapi.exporter.series_folded",
+    otel_unit: "{series}",
+};
+
 /// All of them, in the order `docs/metrics.md` lists them.
 pub const ALL: &[MetricDef] = &[
     REQUESTS_TOTAL,
@@ -296,6 +304,7 @@ pub const ALL: &[MetricDef] = &[
     EXPORTER_LAST_POLL_TIMESTAMP_SECONDS,
     EXPORTER_LOGS_CURSOR,
     EXPORTER_OTLP_ERRORS_TOTAL,
+    EXPORTER_SERIES_FOLDED_TOTAL,
 ];
 
 #[cfg(test)]

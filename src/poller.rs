@@ -236,11 +236,20 @@ impl Poller {
             Box::new(ChannelsCollector::default()),
         ];
         if schema.quota_data.is_some() {
-            collectors.push(Box::new(QuotaDataCollector::new(src.main().dialect())));
+            collectors.push(Box::new(QuotaDataCollector::new(
+                src.main().dialect(),
+                settings.labels.max_series,
+            )));
         }
-        collectors.push(Box::new(LogsCollector::new(&schema, dialect)));
+        collectors.push(Box::new(LogsCollector::new(
+            &schema,
+            dialect,
+            &settings.labels,
+        )));
         if schema.quota_data.is_some() {
-            collectors.push(Box::new(ReconcileCollector::default()));
+            collectors.push(Box::new(ReconcileCollector::new(
+                settings.labels.max_series,
+            )));
         }
         Ok(Pipeline {
             collectors,
@@ -264,7 +273,11 @@ impl Poller {
         }
         let src = self.sources.as_mut().expect("connected above");
         if self.pipeline.is_none() {
-            self.pipeline = Some(Self::build_pipeline(src, self.settings, self.stop.clone())?);
+            self.pipeline = Some(Self::build_pipeline(
+                src,
+                self.settings.clone(),
+                self.stop.clone(),
+            )?);
         }
         self.pipeline
             .as_mut()
@@ -330,6 +343,15 @@ impl Poller {
             cursor = p.ctx.logs_cursor;
         }
         self.health.cursor.set(cursor);
+        if let Some(p) = &self.pipeline
+            && p.ctx.settings.labels.max_series.is_some()
+        {
+            let mut f = crate::collect::Family::of(&crate::metrics::EXPORTER_SERIES_FOLDED_TOTAL);
+            for (family, n) in &p.ctx.folded {
+                f.sample(&[("family", family)], *n as f64);
+            }
+            f.finish(&mut families);
+        }
         families.extend(self.health.registry.gather());
         let mut text = String::new();
         if let Err(e) = TextEncoder::new().encode_utf8(&families, &mut text) {

@@ -386,6 +386,25 @@ pub struct ReconcileCollector {
     report: Option<Report>,
     lag: i64,
     model_lag: BTreeMap<String, i64>,
+    admission: crate::collect::Admission,
+    /// The series each model is shown in (itself, or `__other__`).
+    shown_as: HashMap<String, String>,
+}
+
+impl ReconcileCollector {
+    pub fn new(max_series: Option<usize>) -> Self {
+        ReconcileCollector {
+            admission: crate::collect::Admission::new(max_series),
+            ..ReconcileCollector::default()
+        }
+    }
+
+    fn shown<'a>(&'a self, model: &'a str) -> &'a str {
+        self.shown_as
+            .get(model)
+            .map(String::as_str)
+            .unwrap_or(model)
+    }
 }
 
 impl Collector for ReconcileCollector {
@@ -416,6 +435,22 @@ impl Collector for ReconcileCollector {
         }
         let newest_qd = rec.qd_model_newest_hour.values().copied().max();
         self.lag = lag_seconds(newest_log, oldest_log, newest_qd);
+        for model in report
+            .models
+            .iter()
+            .map(|m| &m.model)
+            .chain(self.model_lag.keys())
+        {
+            if !self.shown_as.contains_key(model) {
+                let shown = if self.admission.admit(model) {
+                    model.clone()
+                } else {
+                    crate::collect::OTHER.to_string()
+                };
+                self.shown_as.insert(model.clone(), shown);
+            }
+        }
+        ctx.folded.insert("reconcile", self.admission.folded());
         ctx.recording.prune(since - HOUR);
         ctx.report = Some(report.clone());
         self.report = Some(report);
@@ -428,8 +463,13 @@ impl Collector for ReconcileCollector {
         f.sample(&[], self.lag as f64);
         f.finish(out);
         let mut f = Family::of(&crate::metrics::QUOTA_DATA_MODEL_LAG_SECONDS);
+        let mut lags: BTreeMap<&str, i64> = BTreeMap::new();
         for (model, lag) in &self.model_lag {
-            f.sample(&[("model", model)], *lag as f64);
+            let e = lags.entry(self.shown(model)).or_default();
+            *e = (*e).max(*lag);
+        }
+        for (model, lag) in lags {
+            f.sample(&[("model", model)], lag as f64);
         }
         f.finish(out);
         use crate::metrics as m;
@@ -442,9 +482,13 @@ impl Collector for ReconcileCollector {
             (&m::QUOTA_DATA_UNMIRRORED_QUOTA, |c| c.unmirrored.quota),
         ];
         for (def, get) in per_model {
-            let mut f = Family::of(def);
+            let mut sums: BTreeMap<&str, i64> = BTreeMap::new();
             for model in &report.models {
-                f.sample(&[("model", &model.model)], get(&model.cmp) as f64);
+                *sums.entry(self.shown(&model.model)).or_default() += get(&model.cmp);
+            }
+            let mut f = Family::of(def);
+            for (model, v) in sums {
+                f.sample(&[("model", model)], v as f64);
             }
             f.finish(out);
         }
@@ -470,6 +514,7 @@ pub fn run_once(
         window_secs: until - since,
         settle_margin_secs,
         fixed_range: Some((since, until)),
+        ..crate::collect::Settings::default()
     };
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut p = crate::poller::Poller::build_pipeline(src, settings, stop)?;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 
-use crate::cli::{DbArgs, WebArgs, WindowArgs};
+use crate::cli::{DbArgs, SeriesArgs, WebArgs, WindowArgs};
 use crate::collect::Settings;
 use crate::db::Sources;
 use crate::db::dsn::DbConfig;
@@ -47,12 +47,18 @@ pub fn open(main: &DbConfig, logs: &Option<DbConfig>) -> Result<Sources> {
     Ok(Sources::new(m, l))
 }
 
-pub fn poller_for(db: &DbArgs, window: &WindowArgs, stop: Arc<AtomicBool>) -> Result<Poller> {
+pub fn poller_for(
+    db: &DbArgs,
+    window: &WindowArgs,
+    series: &SeriesArgs,
+    stop: Arc<AtomicBool>,
+) -> Result<Poller> {
     let settings = Settings {
         chunk_rows: db.chunk_rows,
         window_secs: window.window.as_secs() as i64,
         settle_margin_secs: window.settle_margin.as_secs() as i64,
         fixed_range: None,
+        labels: series.settings(),
     };
     let (main, logs) = db_configs(db)?;
     let database = describe(&main, &logs);

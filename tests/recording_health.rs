@@ -6,6 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use newapi_exporter::demo::gateway::{Flavor, Gateway, LogRow};
@@ -530,7 +531,7 @@ fn one_api_has_no_recording_metrics_and_the_page_says_why() {
     let s = InProcess::new(&db).poll();
     assert!(s.iter().all(|x| !x.name.starts_with("newapi_quota_data_")));
     let exp = Running::start(&["--sqlite-path", db.to_str().unwrap()]);
-    exp.wait_ready(std::time::Duration::from_secs(20));
+    exp.wait_ready(Duration::from_secs(20));
     let (_, page) = exp.get("/");
     assert!(
         page.contains("one-api, which has no quota_data table"),
@@ -670,7 +671,7 @@ fn the_landing_page_shows_the_comparison() {
             .unwrap();
     });
     let exp = Running::start(&["--sqlite-path", db.to_str().unwrap()]);
-    exp.wait_ready(std::time::Duration::from_secs(20));
+    exp.wait_ready(Duration::from_secs(20));
     let (_, page) = exp.get("/");
     assert!(page.contains("Recording health"));
     assert!(
@@ -833,6 +834,9 @@ fn backfill_alongside_a_gateway_flush_loses_no_increment() {
                 count += 1;
                 quota += 3;
                 i += 1;
+                // Back-to-back commits with no pause would starve every reader (SQLite has no
+                // lock fairness); a real node flushes every few minutes.
+                std::thread::sleep(Duration::from_millis(1));
             }
             (count, quota)
         })

@@ -27,6 +27,8 @@ struct UsageKey {
     model: String,
     channel_id: String,
     group: String,
+    /// The username, with `--labels.user` only.
+    user: String,
 }
 
 /// Running totals for one (model, channel, group).
@@ -72,6 +74,8 @@ pub struct LogsCollector {
     usage: HashMap<UsageKey, Usage>,
     /// Whether commits can become visible out of id order (MySQL, PostgreSQL).
     track_gaps: bool,
+    labels: super::LabelSettings,
+    admission: super::Admission,
     /// Ids not seen below the cursor, with the time they were first missed.
     gaps: std::collections::BTreeMap<i64, i64>,
 }
@@ -95,9 +99,15 @@ const C_FIRST: usize = 14;
 const C_LATEST: usize = 15;
 /// The smallest id of the group: the row's id when grouping by row.
 const C_ID: usize = 16;
+/// The username, selected and grouped by only with `--labels.user`.
+const C_USERNAME: usize = 17;
 
 impl LogsCollector {
-    pub fn new(schema: &Schema, dialect: crate::db::Dialect) -> Self {
+    pub fn new(
+        schema: &Schema,
+        dialect: crate::db::Dialect,
+        labels: &super::LabelSettings,
+    ) -> Self {
         let cols = &schema.logs;
         let d = dialect;
         let ty = d.ident("type");
@@ -126,7 +136,7 @@ impl LogsCollector {
                CASE WHEN {in_range} THEN {created} - {created} % 3600 ELSE NULL END, \
                CASE WHEN {in_range} THEN {user} ELSE NULL END, \
                {unmirrored}, COUNT(*), {pos}, {neg}, {sum_prompt}, {sum_completion}, {use_time}, \
-               {sum_quota}, MIN({created}), MAX({created}), MIN({id}) \
+               {sum_quota}, MIN({created}), MAX({created}), MIN({id}){username} \
              FROM logs WHERE ",
             model = d.text_key(&d.ident("model_name")),
             channel = cols.or(d, "channel_id", "NULL"),
@@ -138,12 +148,21 @@ impl LogsCollector {
             sum_completion = d.sum_int(&completion),
             use_time = d.sum_int(&cols.or(d, "use_time", "0")),
             sum_quota = d.sum_int(&quota),
+            username = if labels.user {
+                format!(", {}", d.text_key(&cols.or(d, "username", "NULL")))
+            } else {
+                String::new()
+            },
         );
-        const GROUP: &str = " GROUP BY 1, 2, 3, 4, 5, 6, 7";
+        let group = if labels.user {
+            " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18"
+        } else {
+            " GROUP BY 1, 2, 3, 4, 5, 6, 7"
+        };
         LogsCollector {
             select_sql,
-            group_sql: GROUP,
-            group_by_row_sql: format!("{GROUP}, {id}"),
+            group_sql: group,
+            group_by_row_sql: format!("{group}, {id}"),
             id,
             next_id_sql: format!(
                 "SELECT MIN({id}) FROM logs WHERE {id} > ?",
@@ -155,7 +174,51 @@ impl LogsCollector {
             cursor: 0,
             usage: HashMap::new(),
             track_gaps: dialect.0 != crate::db::Engine::Sqlite,
+            labels: labels.clone(),
+            admission: super::Admission::new(labels.max_series),
             gaps: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// The series a row group counts in: excluded labels blanked, and beyond
+    /// `--series.max-per-metric` the shared `__other__` series.
+    fn series_key(
+        &mut self,
+        model: String,
+        channel_id: String,
+        group: String,
+        user: String,
+    ) -> UsageKey {
+        let keep = |name: &str, v: String| {
+            if self.labels.exclude.contains(name) {
+                String::new()
+            } else {
+                v
+            }
+        };
+        let key = UsageKey {
+            model: keep("model", model),
+            channel_id: keep("channel_id", channel_id),
+            group: keep("group", group),
+            user: if self.labels.user {
+                user
+            } else {
+                String::new()
+            },
+        };
+        let id = format!(
+            "{}\u{1f}{}\u{1f}{}\u{1f}{}",
+            key.model, key.channel_id, key.group, key.user
+        );
+        if self.admission.admit(&id) {
+            key
+        } else {
+            UsageKey {
+                model: super::OTHER.to_string(),
+                channel_id: String::new(),
+                group: String::new(),
+                user: String::new(),
+            }
         }
     }
 
@@ -254,11 +317,7 @@ impl LogsCollector {
                 }
             }
         }
-        let key = UsageKey {
-            model,
-            channel_id: label(C_CHANNEL),
-            group: label(C_GROUP),
-        };
+        let key = self.series_key(model, label(C_CHANNEL), label(C_GROUP), label(C_USERNAME));
         let u = self.usage.entry(key).or_default();
         match ty {
             TYPE_CONSUME => {
@@ -349,6 +408,7 @@ impl Collector for LogsCollector {
             self.cursor = top;
         }
         ctx.logs_cursor = self.cursor;
+        ctx.folded.insert("usage", self.admission.folded());
         Ok(())
     }
 
@@ -366,20 +426,37 @@ impl Collector for LogsCollector {
         for key in keys {
             let u = &self.usage[key];
             let name = ctx.channel_name(&key.channel_id);
-            let l = [
+            let all = [
                 (USAGE_LABELS[0], key.model.as_str()),
                 (USAGE_LABELS[1], key.channel_id.as_str()),
                 (USAGE_LABELS[2], name),
                 (USAGE_LABELS[3], key.group.as_str()),
+                ("user", key.user.as_str()),
             ];
+            let excluded = |n: &str| {
+                // Names come from ids: without channel_id there is no channel_name.
+                self.labels.exclude.contains(n)
+                    || (n == USAGE_LABELS[2] && self.labels.exclude.contains("channel_id"))
+            };
+            let l: Vec<(&str, &str)> = all
+                .into_iter()
+                .filter(|(n, _)| {
+                    if *n == "user" {
+                        self.labels.user
+                    } else {
+                        !excluded(n)
+                    }
+                })
+                .collect();
             if u.requests > 0 {
                 requests.sample(&l, u.requests as f64);
                 quota.sample(&l, u.quota as f64);
                 corrections.sample(&l, u.corrections as f64);
-                let mut lt = l.to_vec();
+                let mut lt = l.clone();
                 lt.push(("token_type", "prompt"));
                 tokens.sample(&lt, u.prompt_tokens as f64);
-                lt[4].1 = "completion";
+                let last = lt.len() - 1;
+                lt[last].1 = "completion";
                 tokens.sample(&lt, u.completion_tokens as f64);
                 if self.has_use_time {
                     use_time.sample(&l, u.use_time_seconds as f64);

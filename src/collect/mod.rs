@@ -21,8 +21,63 @@ use crate::db::Sources;
 use crate::reconcile::{HOUR, Recording, Report, hour_of};
 use crate::schema::Schema;
 
+/// Label choices that bound the number of series.
+#[derive(Debug, Clone, Default)]
+pub struct LabelSettings {
+    /// Add a `user` label (the username) to the usage counters.
+    pub user: bool,
+    /// Usage labels left out (their series are summed together).
+    pub exclude: std::collections::BTreeSet<String>,
+    /// Most label sets per metric; later ones are folded into `model="__other__"`.
+    pub max_series: Option<usize>,
+}
+
+/// The model value that folded series carry.
+pub const OTHER: &str = "__other__";
+
+/// Decides, once and for good, whether a series is kept or folded: the first `max` distinct
+/// keys are kept, later ones folded. Membership never changes, so kept counters and the
+/// folded `__other__` series both stay monotonic.
+#[derive(Debug, Default)]
+pub struct Admission {
+    max: Option<usize>,
+    kept: std::collections::HashSet<String>,
+    folded: std::collections::HashSet<String>,
+}
+
+impl Admission {
+    pub fn new(max: Option<usize>) -> Self {
+        Admission {
+            max,
+            ..Admission::default()
+        }
+    }
+
+    /// True when `key` has its own series.
+    pub fn admit(&mut self, key: &str) -> bool {
+        if self.kept.contains(key) {
+            return true;
+        }
+        if self.folded.contains(key) {
+            return false;
+        }
+        if self.max.is_none_or(|m| self.kept.len() < m) {
+            self.kept.insert(key.to_string());
+            true
+        } else {
+            self.folded.insert(key.to_string());
+            false
+        }
+    }
+
+    /// Distinct keys folded so far.
+    pub fn folded(&self) -> usize {
+        self.folded.len()
+    }
+}
+
 /// How the recording health is judged.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// Largest number of rows one statement may cover (a primary-key range).
     pub chunk_rows: i64,
@@ -33,6 +88,7 @@ pub struct Settings {
     /// A fixed `[since, until)` range (the `reconcile` and `backfill` commands) instead of the
     /// sliding window.
     pub fixed_range: Option<(i64, i64)>,
+    pub labels: LabelSettings,
 }
 
 impl Default for Settings {
@@ -42,6 +98,7 @@ impl Default for Settings {
             window_secs: 24 * HOUR,
             settle_margin_secs: 300,
             fixed_range: None,
+            labels: LabelSettings::default(),
         }
     }
 }
@@ -73,6 +130,8 @@ pub struct Context {
     /// `channels.name` by channel id label value, kept by the channels collector.
     pub channel_names: HashMap<String, String>,
     pub options: GatewayOptions,
+    /// Label sets folded into `__other__`, by family, for `newapi_exporter_series_folded_total`.
+    pub folded: BTreeMap<&'static str, usize>,
     /// Rows read this poll, by table, for `newapi_exporter_rows_read_total`.
     pub rows_read: BTreeMap<&'static str, u64>,
     pub settings: Settings,
@@ -95,6 +154,7 @@ impl Context {
             channel_names: HashMap::new(),
             options: GatewayOptions::default(),
             rows_read: BTreeMap::new(),
+            folded: BTreeMap::new(),
             settings,
             logs_cursor: 0,
             recording: Recording::default(),

@@ -67,10 +67,11 @@ pub struct QuotaDataCollector {
     live: BTreeMap<RowKey, LiveRow>,
     /// What the counters last showed: they never go down, even if a row does.
     emitted: BTreeMap<String, Totals>,
+    admission: super::Admission,
 }
 
 impl QuotaDataCollector {
-    pub fn new(dialect: crate::db::Dialect) -> Self {
+    pub fn new(dialect: crate::db::Dialect, max_series: Option<usize>) -> Self {
         let d = dialect;
         let (id, created) = (d.ident("id"), d.ident("created_at"));
         let model = d.text_key(&d.ident("model_name"));
@@ -105,6 +106,7 @@ impl QuotaDataCollector {
             frozen_newest_hour: HashMap::new(),
             live: BTreeMap::new(),
             emitted: BTreeMap::new(),
+            admission: super::Admission::new(max_series),
         }
     }
 
@@ -259,10 +261,22 @@ impl Collector for QuotaDataCollector {
                 q.tokens += row.totals.tokens;
             }
         }
+        // Models beyond --series.max-per-metric share one series; membership is stable, so the
+        // sums stay monotonic.
+        let mut shown: BTreeMap<String, Totals> = BTreeMap::new();
         for (model, t) in current {
+            let key = if self.admission.admit(&model) {
+                model
+            } else {
+                super::OTHER.to_string()
+            };
+            shown.entry(key).or_default().add(&t);
+        }
+        for (model, t) in shown {
             let e = self.emitted.entry(model).or_default();
             *e = e.max(&t);
         }
+        ctx.folded.insert("quota_data", self.admission.folded());
         Ok(())
     }
 
