@@ -1,0 +1,123 @@
+//! Property tests: label values of any content survive the exposition format, and any DSN
+//! string parses without panicking and never shows its password.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use newapi_exporter::collect::Family;
+use newapi_exporter::db::dsn::{DbConfig, MysqlNet};
+use newapi_exporter::demo::gateway::{Flavor, Gateway, LogRow};
+use proptest::prelude::*;
+
+fn render(values: &[String]) -> String {
+    let mut f = Family::of(&newapi_exporter::metrics::REQUESTS_TOTAL);
+    for (i, v) in values.iter().enumerate() {
+        f.sample(&[("model", v.as_str()), ("n", &i.to_string())], i as f64);
+    }
+    let mut out = Vec::new();
+    f.finish(&mut out);
+    let mut text = String::new();
+    prometheus::TextEncoder::new()
+        .encode_utf8(&out, &mut text)
+        .unwrap();
+    text
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Whatever a model name holds (quotes, backslashes, newlines, unicode, control
+    /// characters), the scrape carries it back exactly and on one line per sample.
+    #[test]
+    fn label_values_round_trip(values in proptest::collection::vec(any::<String>(), 1..8)) {
+        let text = render(&values);
+        let samples = parse_metrics(&text);
+        prop_assert_eq!(samples.len(), values.len());
+        for s in samples {
+            let i: usize = s.labels["n"].parse().unwrap();
+            prop_assert_eq!(&s.labels["model"], &values[i]);
+            prop_assert_eq!(s.value, i as f64);
+        }
+        prop_assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), values.len());
+    }
+
+    /// Any string given as SQL_DSN: an engine or an error, never a panic, never the password.
+    #[test]
+    fn any_dsn_string_is_handled(dsn in ".{0,80}") {
+        let _ = DbConfig::from_dsn(Some(&dsn), Path::new("x.db"));
+    }
+
+    /// Well-formed go-sql-driver DSNs parse to their parts; errors and descriptions mask the
+    /// password.
+    #[test]
+    fn mysql_dsns_parse_and_mask(
+        user in "[a-z][a-z0-9_]{0,8}",
+        password in "PW[A-Za-z0-9@:!#%^&*()_+=-]{4,16}",
+        host in "[a-z][a-z0-9.-]{0,12}",
+        port in 1u16..,
+        db in "[a-z][a-z0-9_-]{0,12}",
+        tls in prop_oneof![Just(""), Just("?tls=true"), Just("?tls=skip-verify&charset=utf8mb4")],
+    ) {
+        let dsn = format!("{user}:{password}@tcp({host}:{port})/{db}{tls}");
+        let cfg = DbConfig::from_dsn(Some(&dsn), Path::new("x.db")).unwrap();
+        let DbConfig::Mysql(m) = &cfg else { panic!("{dsn} is MySQL") };
+        prop_assert_eq!(&m.user, &user);
+        prop_assert_eq!(m.password.as_deref(), Some(password.as_str()));
+        prop_assert_eq!(&m.net, &MysqlNet::Tcp { host: host.clone(), port });
+        prop_assert_eq!(&m.database, &db);
+        prop_assert!(!cfg.describe().contains(&password));
+        let debug = format!("{:?}", cfg);
+        prop_assert!(!debug.contains(&password));
+        // A broken variant of the same DSN: its error does not leak the password either.
+        let broken = format!("{user}:{password}@tcp({host}:{port}x)/{db}");
+        let err = DbConfig::from_dsn(Some(&broken), Path::new("x.db")).unwrap_err();
+        prop_assert!(!format!("{err:#}").contains(&password), "{}", err);
+    }
+
+    #[test]
+    fn postgres_urls_are_masked(password in "PW[A-Za-z0-9_.~-]{4,16}", host in "[a-z]{1,10}") {
+        let url = format!("postgres://newapi:{password}@{host}:5432/newapi?sslmode=require");
+        let cfg = DbConfig::from_dsn(Some(&url), Path::new("x.db")).unwrap();
+        prop_assert!(!cfg.describe().contains(&password));
+        prop_assert!(cfg.describe().contains("newapi:***@"));
+    }
+}
+
+/// The whole path: random model names written by the gateway come back from a scrape.
+#[test]
+fn random_model_names_survive_the_whole_path() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let names: Vec<String> = (0..150)
+        .map(|_| any::<String>().new_tree(&mut runner).unwrap().current())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    let mut gw = Gateway::create(&db, Flavor::NewApi).unwrap();
+    for (i, name) in names.iter().enumerate() {
+        let row = LogRow {
+            user_id: 1,
+            created_at: 1_767_225_600 + i as i64,
+            log_type: 2,
+            model_name: name.clone(),
+            quota: 1,
+            channel_id: 1,
+            ..LogRow::default()
+        };
+        gw.record(&row, false, 0).unwrap();
+    }
+    let s = InProcess::new(&db).poll();
+    let mut got: Vec<String> = series(&s, "newapi_requests_total")
+        .keys()
+        .map(|l| l["model"].clone())
+        .collect();
+    // SQLite TEXT keeps any UTF-8, NUL included, so every name is its own series.
+    let mut want = names.clone();
+    want.sort();
+    want.dedup();
+    got.sort();
+    assert_eq!(got, want);
+}
