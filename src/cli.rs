@@ -47,6 +47,22 @@ pub enum Command {
     /// unless --apply. THE ONLY COMMAND THAT WRITES THE GATEWAY'S DATABASE (quota_data only;
     /// logs is never touched).
     Backfill(BackfillArgs),
+    /// Write a large, realistic gateway database (for benchmarks): logs with a skewed mix of
+    /// models and users, errors, refunds and task settlements, and the matching quota_data.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// Log rows to write.
+    #[arg(long = "rows", default_value_t = 1_000_000, value_name = "N")]
+    pub rows: i64,
+    /// The new database file.
+    #[arg(long = "db", value_name = "PATH")]
+    pub db: PathBuf,
+    /// Days the rows are spread over, ending now.
+    #[arg(long = "days", default_value_t = 30, value_name = "N")]
+    pub days: i64,
 }
 
 #[derive(Args, Debug, Clone)]

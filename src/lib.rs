@@ -19,6 +19,7 @@ pub mod collect;
 pub mod db;
 pub mod demo;
 pub mod export;
+pub mod generate;
 pub mod metrics;
 pub mod poller;
 pub mod reconcile;

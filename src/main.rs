@@ -54,6 +54,17 @@ fn main() -> ExitCode {
         Some(Command::Check(args)) => run_check(&args),
         Some(Command::Reconcile(args)) => run_reconcile(&args),
         Some(Command::Backfill(args)) => run_backfill(&args),
+        Some(Command::Generate(args)) => {
+            let started = std::time::Instant::now();
+            newapi_exporter::generate::generate(&args.db, args.rows, args.days).map(|()| {
+                println!(
+                    "wrote {} log rows to {} in {:.1?}",
+                    args.rows,
+                    args.db.display(),
+                    started.elapsed()
+                )
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

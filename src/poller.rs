@@ -36,7 +36,7 @@ pub struct Status {
     pub logs_cursor: i64,
     pub ready: bool,
     /// The reconciliation over the window; `None` on one-api (no quota_data).
-    pub report: Option<Report>,
+    pub report: Option<Arc<Report>>,
 }
 
 /// Everything a scrape serves, built once per poll.
@@ -157,7 +157,10 @@ impl Pipeline {
         self.ctx.now = now;
         let mut first_err = None;
         for c in &mut self.collectors {
-            if let Err(e) = c.poll(src, &mut self.ctx) {
+            let started = Instant::now();
+            let result = c.poll(src, &mut self.ctx);
+            tracing::debug!(collector = c.name(), took = ?started.elapsed(), "collector polled");
+            if let Err(e) = result {
                 let e = e.context(format!("collector {}", c.name()));
                 if first_err.is_none() {
                     first_err = Some(e);

@@ -24,8 +24,9 @@ use crate::db::Sources;
 
 pub const HOUR: i64 = 3600;
 
-/// (hour start, user_id, model_name)
-pub type HourKey = (i64, i64, String);
+/// (user_id, model_name, hour start): ordered so that one pass over the map visits each user's
+/// model hour by hour.
+pub type HourKey = (i64, String, i64);
 
 pub fn hour_of(t: i64) -> i64 {
     t - t.rem_euclid(HOUR)
@@ -91,13 +92,19 @@ pub struct Recording {
     pub qd_model_newest_hour: HashMap<String, i64>,
     /// Set by the quota_data collector when the table exists.
     pub has_quota_data: bool,
+    /// Bumped whenever the per-hour maps change, so an unchanged poll can keep its report.
+    pub version: u64,
 }
 
 impl Recording {
     /// Forgets hours before `from` (they left the window).
     pub fn prune(&mut self, from: i64) {
-        self.logs_hourly.retain(|k, _| k.0 >= from);
-        self.qd_hourly.retain(|k, _| k.0 >= from);
+        let before = self.logs_hourly.len() + self.qd_hourly.len();
+        self.logs_hourly.retain(|k, _| k.2 >= from);
+        self.qd_hourly.retain(|k, _| k.2 >= from);
+        if self.logs_hourly.len() + self.qd_hourly.len() != before {
+            self.version += 1;
+        }
     }
 }
 
@@ -171,7 +178,8 @@ pub struct Report {
     pub models: Vec<ModelReport>,
     /// Per (hour, user_id, model) deficits of settled hours after netting: what backfill adds.
     #[serde(skip)]
-    pub deficits: Vec<(HourKey, Amount, i64)>,
+    /// Each is ((hour, user_id, model), requests and quota, tokens), ordered by hour.
+    pub deficits: Vec<((i64, i64, String), Amount, i64)>,
 }
 
 /// Compares logs and quota_data over `[since, until)`; missing and excess only for settled
@@ -179,50 +187,99 @@ pub struct Report {
 pub fn reconcile(rec: &Recording, since: i64, until: i64, settled_until: i64) -> Report {
     let in_range = |h: i64| h + HOUR > since && h < until;
     let counted = |h: i64| in_range(h) && h + HOUR <= settled_until;
-
-    // Differences (logs - quota_data) per (user, model), by hour; one hour beyond each edge
-    // is included so that a row that moved across an edge can still net out.
-    let mut diffs: BTreeMap<(i64, &str), BTreeMap<i64, HourDiff>> = BTreeMap::new();
+    // One hour beyond each edge takes part in netting, so that a row that moved across an edge
+    // can still net out; only hours in range are counted.
     let near = |h: i64| h + 2 * HOUR > since && h < until + HOUR;
-    for ((h, user, model), l) in &rec.logs_hourly {
-        if near(*h) {
-            let d = diffs
-                .entry((*user, model))
-                .or_default()
-                .entry(*h)
-                .or_default();
-            d.requests += l.requests;
-            d.quota += l.quota;
-            d.tokens += l.tokens;
-            d.logged_requests += l.requests;
-            d.logged_quota += l.quota;
+
+    // Keyed by borrowed names: this runs every poll over every (user, model, hour) of the window.
+    let mut models: BTreeMap<&str, ModelReport> = BTreeMap::new();
+    let mut first_log: HashMap<&str, i64> = HashMap::new();
+    let mut deficits = Vec::new();
+    // Both maps are ordered by (user, model, hour): walk them together, one (user, model) at
+    // a time, collecting its hours in order.
+    let mut logs = rec.logs_hourly.iter().peekable();
+    let mut qd = rec.qd_hourly.iter().peekable();
+    let mut hours: Vec<(i64, HourDiff)> = Vec::new();
+    loop {
+        let next_key = match (logs.peek(), qd.peek()) {
+            (Some((a, _)), Some((b, _))) => (*a).min(*b),
+            (Some((a, _)), None) => *a,
+            (None, Some((b, _))) => *b,
+            (None, None) => break,
+        };
+        let (user, model) = (next_key.0, next_key.1.as_str());
+        hours.clear();
+        let m = models.entry(model).or_default();
+        while let Some(((u, mname, h), l)) =
+            logs.next_if(|((u, mm, _), _)| *u == user && mm == model)
+        {
+            debug_assert_eq!((*u, mname.as_str()), (user, model));
+            let h = *h;
+            if in_range(h) {
+                if l.requests > 0 {
+                    m.cmp.logs.requests += l.requests;
+                    m.cmp.logs.quota += l.quota;
+                    m.cmp.logs.tokens += l.tokens;
+                    m.cmp.logs.latest = m.cmp.logs.latest.max(l.latest);
+                    let f = first_log.entry(model).or_insert(l.first);
+                    *f = (*f).min(l.first);
+                }
+                if counted(h) {
+                    m.cmp.unmirrored.requests += l.unmirrored_requests;
+                    m.cmp.unmirrored.quota += l.unmirrored_quota;
+                }
+            }
+            if near(h) {
+                hours.push((
+                    h,
+                    HourDiff {
+                        requests: l.requests,
+                        quota: l.quota,
+                        tokens: l.tokens,
+                        logged_requests: l.requests,
+                        logged_quota: l.quota,
+                    },
+                ));
+            }
         }
-    }
-    for ((h, user, model), q) in &rec.qd_hourly {
-        if near(*h) {
-            let d = diffs
-                .entry((*user, model))
-                .or_default()
-                .entry(*h)
-                .or_default();
+        let logged = hours.len();
+        while let Some(((_, _, h), q)) = qd.next_if(|((u, mm, _), _)| *u == user && mm == model) {
+            let h = *h;
+            if in_range(h) {
+                m.cmp.quota_data.rows += q.rows;
+                m.cmp.quota_data.requests += q.requests;
+                m.cmp.quota_data.quota += q.quota;
+                m.cmp.quota_data.tokens += q.tokens;
+                m.cmp.quota_data.latest = m.cmp.quota_data.latest.max(h);
+                if counted(h) {
+                    m.cmp.duplicate_rows += q.extra_rows;
+                }
+            }
+            if !near(h) {
+                continue;
+            }
+            // Merge into the logs side's hour, or add the hour (both lists are by hour).
+            let d = match hours[..logged].binary_search_by_key(&h, |(hh, _)| *hh) {
+                Ok(i) => &mut hours[i].1,
+                Err(_) => {
+                    hours.push((h, HourDiff::default()));
+                    &mut hours.last_mut().expect("pushed").1
+                }
+            };
             d.requests -= q.requests;
             d.quota -= q.quota;
             d.tokens -= q.tokens;
         }
-    }
-    let mut models: BTreeMap<String, ModelReport> = BTreeMap::new();
-    let mut deficits = Vec::new();
-    for ((user, model), hours) in &mut diffs {
-        net_adjacent(hours, |d| &mut d.requests, |d| d.logged_requests);
-        net_adjacent(hours, |d| &mut d.quota, |d| d.logged_quota);
-        let m = models.entry(model.to_string()).or_default();
-        for (h, d) in hours.iter() {
+        hours.sort_unstable_by_key(|(h, _)| *h);
+        net_adjacent(&mut hours, |d| &mut d.requests, |d| d.logged_requests);
+        net_adjacent(&mut hours, |d| &mut d.quota, |d| d.logged_quota);
+        for (h, d) in &hours {
             if !counted(*h) {
                 continue;
             }
             if d.requests > 0 || d.quota > 0 {
                 deficits.push((
-                    (*h, *user, model.to_string()),
+                    (*h, user, model.to_string()),
                     Amount {
                         requests: d.requests.max(0),
                         quota: d.quota.max(0),
@@ -236,41 +293,7 @@ pub fn reconcile(rec: &Recording, since: i64, until: i64, settled_until: i64) ->
             m.cmp.excess.quota += (-d.quota).max(0);
         }
     }
-
-    // Side-by-side sums over the whole range.
-    let mut first_log: HashMap<&str, i64> = HashMap::new();
-    for ((h, _, model), l) in &rec.logs_hourly {
-        if !in_range(*h) {
-            continue;
-        }
-        let m = models.entry(model.clone()).or_default();
-        if l.requests > 0 {
-            m.cmp.logs.requests += l.requests;
-            m.cmp.logs.quota += l.quota;
-            m.cmp.logs.tokens += l.tokens;
-            m.cmp.logs.latest = m.cmp.logs.latest.max(l.latest);
-            let f = first_log.entry(model).or_insert(l.first);
-            *f = (*f).min(l.first);
-        }
-        if counted(*h) {
-            m.cmp.unmirrored.requests += l.unmirrored_requests;
-            m.cmp.unmirrored.quota += l.unmirrored_quota;
-        }
-    }
-    for ((h, _, model), q) in &rec.qd_hourly {
-        if !in_range(*h) {
-            continue;
-        }
-        let m = models.entry(model.clone()).or_default();
-        m.cmp.quota_data.rows += q.rows;
-        m.cmp.quota_data.requests += q.requests;
-        m.cmp.quota_data.quota += q.quota;
-        m.cmp.quota_data.tokens += q.tokens;
-        m.cmp.quota_data.latest = m.cmp.quota_data.latest.max(*h);
-        if counted(*h) {
-            m.cmp.duplicate_rows += q.extra_rows;
-        }
-    }
+    deficits.sort_by(|a, b| a.0.cmp(&b.0));
 
     let mut totals = Comparison::default();
     let mut newest_log = None;
@@ -286,14 +309,14 @@ pub fn reconcile(rec: &Recording, since: i64, until: i64, settled_until: i64) ->
             (c.logs.requests > 0).then_some(c.logs.latest),
             (c.quota_data.rows > 0).then_some(c.quota_data.latest),
         );
-        m.lag_seconds = lag_seconds(nl, first_log.get(name.as_str()).copied(), nq);
+        m.lag_seconds = lag_seconds(nl, first_log.get(name).copied(), nq);
         newest_log = newest_log.max(nl);
         newest_qd = newest_qd.max(nq);
-        if let Some(f) = first_log.get(name.as_str()) {
+        if let Some(f) = first_log.get(name) {
             oldest_log = Some(oldest_log.map_or(*f, |o| o.min(*f)));
         }
         add_comparison(&mut totals, c);
-        m.model = name;
+        m.model = name.to_string();
         out.push(m);
     }
     Report {
@@ -346,34 +369,33 @@ struct HourDiff {
 /// what will be absorbed, so a deficit that nothing explains stays in its own hour (where
 /// backfill adds it). The same is run in the other direction for the rare backward shift.
 fn net_adjacent(
-    hours: &mut BTreeMap<i64, HourDiff>,
+    hours: &mut [(i64, HourDiff)],
     value: fn(&mut HourDiff) -> &mut i64,
     cap: fn(&HourDiff) -> i64,
 ) {
-    let mut keys: Vec<i64> = hours.keys().copied().collect();
-    for step in [HOUR, -HOUR] {
-        if step < 0 {
-            keys.reverse();
-        }
-        let n = keys.len();
-        // absorb[i]: inflow hour i can take from its predecessor; out[i]: what it can pass on.
-        let mut absorb = vec![0; n];
-        let mut out = vec![0; n];
-        for i in (0..n).rev() {
-            let next_adjacent = i + 1 < n && keys[i + 1] - keys[i] == step;
-            let d = *value(hours.get_mut(&keys[i]).expect("key"));
-            out[i] = if next_adjacent {
-                absorb[i + 1].min(cap(&hours[&keys[i]]).max(0))
+    let n = hours.len();
+    let mut absorb = vec![0; n];
+    let mut out = vec![0; n];
+    for forward in [true, false] {
+        // Positions in the order rows move: forward in time, then backward.
+        let at = |k: usize| if forward { k } else { n - 1 - k };
+        let step = if forward { HOUR } else { -HOUR };
+        // absorb[k]: inflow position k can take from its predecessor; out[k]: what it can pass on.
+        for k in (0..n).rev() {
+            let next_adjacent = k + 1 < n && hours[at(k + 1)].0 - hours[at(k)].0 == step;
+            let d = *value(&mut hours[at(k)].1);
+            out[k] = if next_adjacent {
+                absorb[k + 1].min(cap(&hours[at(k)].1).max(0))
             } else {
                 0
             };
-            absorb[i] = (out[i] - d).max(0);
+            absorb[k] = (out[k] - d).max(0);
         }
         let mut inflow = 0;
-        for i in 0..n {
-            let v = value(hours.get_mut(&keys[i]).expect("key"));
+        for k in 0..n {
+            let v = value(&mut hours[at(k)].1);
             let r = *v + inflow;
-            let moved = out[i].min(r.max(0));
+            let moved = out[k].min(r.max(0));
             *v = r - moved;
             inflow = moved;
         }
@@ -383,12 +405,14 @@ fn net_adjacent(
 /// The recording-health gauges, computed after the logs and quota_data collectors ran.
 #[derive(Default)]
 pub struct ReconcileCollector {
-    report: Option<Report>,
+    report: Option<std::sync::Arc<Report>>,
     lag: i64,
     model_lag: BTreeMap<String, i64>,
     admission: crate::collect::Admission,
     /// The series each model is shown in (itself, or `__other__`).
     shown_as: HashMap<String, String>,
+    /// (recording version, since, until, settled_until) of the last report.
+    computed_for: Option<(u64, i64, i64, i64)>,
 }
 
 impl ReconcileCollector {
@@ -421,7 +445,13 @@ impl Collector for ReconcileCollector {
         }
         let (since, until) = ctx.window();
         let settled = ctx.settled_until();
-        let report = reconcile(rec, since, until, settled);
+        let inputs = (rec.version, since, until, settled);
+        let report = match &self.report {
+            // Nothing the comparison reads has changed since the last poll.
+            Some(r) if self.computed_for == Some(inputs) => r.clone(),
+            _ => std::sync::Arc::new(reconcile(rec, since, until, settled)),
+        };
+        self.computed_for = Some(inputs);
         // Lag over all history (an outage longer than the window still shows in full).
         self.model_lag.clear();
         let mut newest_log = None;
@@ -528,6 +558,7 @@ pub fn run_once(
     p.ctx
         .report
         .take()
+        .map(|r| Report::clone(&r))
         .ok_or_else(|| anyhow::anyhow!("the reconciliation produced no report"))
 }
 
@@ -536,7 +567,7 @@ mod tests {
     use super::*;
 
     fn key(h: i64) -> HourKey {
-        (h * HOUR, 1, "m".to_string())
+        (1, "m".to_string(), h * HOUR)
     }
 
     fn logs(requests: i64, quota: i64) -> LogsHour {

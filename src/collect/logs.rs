@@ -305,9 +305,10 @@ impl LogsCollector {
             if let Some(hour) = row.get(C_HOUR).and_then(Value::as_i64) {
                 let h = rec
                     .logs_hourly
-                    .entry((hour, int(C_USER), model.clone()))
+                    .entry((int(C_USER), model.clone(), hour))
                     .or_default();
                 let n = rows as i64;
+                rec.version += 1;
                 if unmirrored {
                     h.unmirrored_requests += n;
                     h.unmirrored_quota += int(C_QUOTA);

@@ -140,7 +140,7 @@ pub struct Context {
     /// Per-hour aggregates of logs and quota_data, kept by their collectors.
     pub recording: Recording,
     /// The last reconciliation, for the landing page.
-    pub report: Option<Report>,
+    pub report: Option<std::sync::Arc<Report>>,
     /// Unix time of the current poll.
     pub now: i64,
     stop: Arc<AtomicBool>,

@@ -19,6 +19,10 @@ use crate::reconcile::{HOUR, QdHour, hour_of};
 
 /// Hours re-read by one statement.
 const LIVE_CHUNK_HOURS: i64 = 6;
+/// Every poll re-reads only the hours that can still change (the unsettled ones and the last
+/// settled one); the whole window is re-read this often, so that a late change to a settled
+/// hour (a backfill, a very late flush) shows too.
+const FULL_REREAD_SECS: i64 = 600;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Totals {
@@ -46,7 +50,7 @@ impl Totals {
 /// (hour, user_id, username, model): the gateway's map key, one row per key when healthy.
 type RowKey = (i64, i64, String, String);
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct LiveRow {
     rows: i64,
     totals: Totals,
@@ -68,6 +72,8 @@ pub struct QuotaDataCollector {
     /// What the counters last showed: they never go down, even if a row does.
     emitted: BTreeMap<String, Totals>,
     admission: super::Admission,
+    /// When the whole window was last re-read.
+    last_full_read: i64,
 }
 
 impl QuotaDataCollector {
@@ -107,6 +113,7 @@ impl QuotaDataCollector {
             live: BTreeMap::new(),
             emitted: BTreeMap::new(),
             admission: super::Admission::new(max_series),
+            last_full_read: i64::MIN,
         }
     }
 
@@ -154,9 +161,19 @@ impl QuotaDataCollector {
         Ok(())
     }
 
-    /// Re-reads every row of hours at or after `frozen_below`.
-    fn read_live(&mut self, db: &mut dyn crate::db::Database, ctx: &mut Context) -> Result<()> {
-        let bounds = db.query(&self.bounds_sql, &[Value::Int(self.frozen_below)])?;
+    /// Re-reads every row of hours at or after `from` (at or after `frozen_below`).
+    fn read_live(
+        &mut self,
+        db: &mut dyn crate::db::Database,
+        ctx: &mut Context,
+        from: i64,
+    ) -> Result<bool> {
+        let from = from.max(self.frozen_below);
+        let bounds = db.query(&self.bounds_sql, &[Value::Int(from)])?;
+        // Hours before `from` keep what was read before; the rest is read again and compared.
+        let before = self
+            .live
+            .split_off(&(from, i64::MIN, String::new(), String::new()));
         let mut live = BTreeMap::new();
         let b = bounds.first();
         let min = b.and_then(|r| r.first()).and_then(Value::as_i64);
@@ -181,15 +198,18 @@ impl QuotaDataCollector {
                 from = to;
             }
         }
-        self.live = live;
-        Ok(())
+        let changed = live != before;
+        self.live.append(&mut live);
+        Ok(changed)
     }
 
     /// Moves live hours older than `below` into the frozen totals.
-    fn freeze_below(&mut self, below: i64) {
+    /// Returns whether any hour moved.
+    fn freeze_below(&mut self, below: i64) -> bool {
         if below <= self.frozen_below {
-            return;
+            return false;
         }
+        let moved = self.live.keys().next().is_some_and(|k| k.0 < below);
         let keep = self
             .live
             .split_off(&(below, i64::MIN, String::new(), String::new()));
@@ -202,6 +222,7 @@ impl QuotaDataCollector {
             *newest = (*newest).max(hour);
         }
         self.frozen_below = below;
+        moved
     }
 }
 
@@ -213,10 +234,11 @@ impl Collector for QuotaDataCollector {
     fn poll(&mut self, src: &mut Sources, ctx: &mut Context) -> Result<()> {
         let db = src.main();
         let (live_from, live_until) = ctx.hourly_range();
+        let mut changed = !self.started;
         if !self.started {
             self.frozen_below = live_from;
         } else {
-            self.freeze_below(live_from);
+            changed |= self.freeze_below(live_from);
         }
         let top = db
             .query(&self.max_id_sql, &[])?
@@ -224,17 +246,31 @@ impl Collector for QuotaDataCollector {
             .and_then(|r| r.first())
             .and_then(Value::as_i64)
             .unwrap_or(0);
+        let cursor = self.cursor;
         self.read_frozen(db, top, ctx)?;
+        changed |= self.cursor != cursor;
         if ctx.stopping() {
             return Ok(());
         }
-        self.read_live(db, ctx)?;
+        let full = ctx.now.saturating_sub(self.last_full_read) >= FULL_REREAD_SECS;
+        let from = if full {
+            self.last_full_read = ctx.now;
+            self.frozen_below
+        } else {
+            ctx.settled_until() - HOUR
+        };
+        changed |= self.read_live(db, ctx, from)?;
         self.started = true;
+        if !changed {
+            // quota_data only changes when a gateway node flushes: keep what was built.
+            return Ok(());
+        }
 
-        // Per-hour view for the reconciliation, keyed like logs: (hour, user_id, model).
+        // Per-hour view for the reconciliation, keyed like logs: (user_id, model, hour).
         let rec = &mut ctx.recording;
         rec.has_quota_data = true;
         rec.qd_hourly.clear();
+        rec.version += 1;
         rec.qd_model_newest_hour = self
             .frozen_newest_hour
             .iter()
@@ -252,7 +288,7 @@ impl Collector for QuotaDataCollector {
             if *hour < live_until {
                 let q: &mut QdHour = rec
                     .qd_hourly
-                    .entry((*hour, *user, model.clone()))
+                    .entry((*user, model.clone(), *hour))
                     .or_default();
                 q.rows += row.rows;
                 q.extra_rows += row.rows - 1;
@@ -261,6 +297,7 @@ impl Collector for QuotaDataCollector {
                 q.tokens += row.totals.tokens;
             }
         }
+
         // Models beyond --series.max-per-metric share one series; membership is stable, so the
         // sums stay monotonic.
         let mut shown: BTreeMap<String, Totals> = BTreeMap::new();
