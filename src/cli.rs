@@ -213,7 +213,7 @@ pub struct DbArgs {
 
     /// Most log rows one read statement covers (a primary-key range). Smaller chunks make the
     /// gateway's writers wait less; larger ones make the cold start cheaper.
-    #[arg(long = "db.chunk-rows", default_value_t = 20_000, value_name = "N",
+    #[arg(long = "db.chunk-rows", default_value_t = crate::collect::DEFAULT_CHUNK_ROWS, value_name = "N",
           value_parser = clap::value_parser!(i64).range(1..))]
     pub chunk_rows: i64,
 }

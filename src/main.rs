@@ -101,7 +101,7 @@ fn run_demo(args: DemoArgs) -> Result<()> {
         sqlite_path: args.db.clone(),
         sql_dsn: None,
         log_sql_dsn: None,
-        chunk_rows: 20_000,
+        chunk_rows: newapi_exporter::collect::DEFAULT_CHUNK_ROWS,
     };
     let poller = serve::poller_for(&db, &args.window, &args.series, stop.clone())?;
     tracing::info!(

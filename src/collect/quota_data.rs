@@ -19,9 +19,9 @@ use crate::reconcile::{HOUR, QdHour, hour_of};
 
 /// Hours re-read by one statement.
 const LIVE_CHUNK_HOURS: i64 = 6;
-/// Every poll re-reads only the hours that can still change (the unsettled ones and the last
-/// settled one); the whole window is re-read this often, so that a late change to a settled
-/// hour (a backfill, a very late flush) shows too.
+/// Every poll re-reads only the hours that can still change (the unsettled ones); the whole
+/// window is re-read this often, so that a late change to a settled hour (a backfill, a very
+/// late flush) shows too.
 const FULL_REREAD_SECS: i64 = 600;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -257,7 +257,7 @@ impl Collector for QuotaDataCollector {
             self.last_full_read = ctx.now;
             self.frozen_below
         } else {
-            ctx.settled_until() - HOUR
+            ctx.settled_until()
         };
         changed |= self.read_live(db, ctx, from)?;
         self.started = true;
