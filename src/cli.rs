@@ -103,11 +103,8 @@ pub struct RangeArgs {
     /// End of the range (exclusive), same forms. Default: the end of the current hour.
     #[arg(long = "until", value_name = "TIME", value_parser = parse_time)]
     pub until: Option<i64>,
-    /// Slack after hour end + DataExportInterval before an hour counts as settled (its
-    /// quota_data can no longer change).
-    #[arg(long = "reconcile.settle-margin", default_value = "5m", value_name = "DURATION",
-          value_parser = parse_duration)]
-    pub settle_margin: Duration,
+    #[command(flatten)]
+    pub settle: SettleArgs,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -146,10 +143,18 @@ pub struct WindowArgs {
     #[arg(long = "reconcile.window", default_value = "24h", value_name = "DURATION",
           value_parser = parse_duration)]
     pub window: Duration,
-    /// Slack after hour end + DataExportInterval before an hour counts as settled.
+    #[command(flatten)]
+    pub settle: SettleArgs,
+}
+
+/// When an hour counts as settled: shared by the gauges and the one-shot commands.
+#[derive(Args, Debug, Clone)]
+pub struct SettleArgs {
+    /// Slack after hour end + DataExportInterval before an hour counts as settled (its
+    /// quota_data can no longer change).
     #[arg(long = "reconcile.settle-margin", default_value = "5m", value_name = "DURATION",
           value_parser = parse_duration)]
-    pub settle_margin: Duration,
+    pub margin: Duration,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -164,7 +164,7 @@ fn reconcile_range(src: &mut Sources, db: &DbArgs, range: &RangeArgs) -> Result<
         src,
         since,
         until,
-        range.settle_margin.as_secs() as i64,
+        range.settle.margin.as_secs() as i64,
         db.chunk_rows,
     )
 }

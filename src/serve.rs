@@ -10,12 +10,12 @@ use crate::cli::{DbArgs, SeriesArgs, WebArgs, WindowArgs};
 use crate::collect::Settings;
 use crate::db::Sources;
 use crate::db::dsn::DbConfig;
-use crate::db::sqlite::SqliteDb;
 use crate::poller::{Connector, Poller, Shared};
 
 /// Opens the gateway's SQLite database on every (re)connect.
 pub fn sqlite_connector(path: PathBuf) -> Connector {
-    Box::new(move || Ok(Sources::new(Box::new(SqliteDb::open(&path)?), None)))
+    let cfg = DbConfig::Sqlite(path);
+    Box::new(move || open(&cfg, &None))
 }
 
 /// The databases named by the gateway's settings: the main one, and the logs one when
@@ -56,7 +56,7 @@ pub fn poller_for(
     let settings = Settings {
         chunk_rows: db.chunk_rows,
         window_secs: window.window.as_secs() as i64,
-        settle_margin_secs: window.settle_margin.as_secs() as i64,
+        settle_margin_secs: window.settle.margin.as_secs() as i64,
         fixed_range: None,
         labels: series.settings(),
     };

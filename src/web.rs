@@ -53,8 +53,7 @@ async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) -> Htm
         .last_poll
         .map(|t| {
             let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-            humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(secs))
-                .to_string()
+            crate::report::rfc3339(secs as i64)
         })
         .unwrap_or_else(|| "not yet".into());
     let result = match (&st.last_error, st.ready) {
