@@ -322,7 +322,9 @@ pub fn reconcile(rec: &Recording, since: i64, until: i64, settled_until: i64) ->
     Report {
         since,
         until,
-        settled_until,
+        // Reported as the end of the last hour that counted, so that a report over a range in
+        // the past is the same whenever it runs.
+        settled_until: settled_until.min(hour_of(until.saturating_add(HOUR - 1))),
         lag_seconds: lag_seconds(newest_log, oldest_log, newest_qd),
         totals,
         models: out,
@@ -683,6 +685,24 @@ mod tests {
                 quota: 500
             }
         );
+    }
+
+    #[test]
+    fn a_past_range_reports_the_same_settled_end_whenever_it_runs() {
+        let mut rec = Recording::default();
+        rec.logs_hourly.insert(key(10), logs(5, 500));
+        // Reported twice, an hour of wall-clock time apart: the range ends at hour 12.
+        let early = reconcile(&rec, 0, 12 * HOUR, 20 * HOUR);
+        let late = reconcile(&rec, 0, 12 * HOUR, 21 * HOUR);
+        assert_eq!(early, late);
+        assert_eq!(early.settled_until, 12 * HOUR);
+        // A range ending inside an hour counts that hour once it has settled.
+        let r = reconcile(&rec, 0, 10 * HOUR + 1800, 20 * HOUR);
+        assert_eq!(r.settled_until, 11 * HOUR);
+        assert_eq!(r.totals.missing.requests, 5);
+        // Not settled yet: the settled end is the wall-clock one.
+        let r = reconcile(&rec, 0, 12 * HOUR, 11 * HOUR);
+        assert_eq!(r.settled_until, 11 * HOUR);
     }
 
     #[test]

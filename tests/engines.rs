@@ -20,8 +20,10 @@ const TABLES: [&str; 4] = ["logs", "quota_data", "channels", "options"];
 
 /// Recent traffic from the simulated gateway (with the incident model, task settlements,
 /// errors and refunds) plus rows that trip up engines: NULLs, unicode, escapes, negative quota,
-/// model names that differ only in case or trailing space.
-fn fixture(dir: &Path) -> std::path::PathBuf {
+/// model names that differ only in case or trailing space. The rows depend only on `now`, so a
+/// test that builds the fixture twice passes the same `now` both times; the newest row is two
+/// hours before it.
+fn fixture(dir: &Path, now: i64) -> std::path::PathBuf {
     let db = dir.join("fixture.db");
     let mut gw = Gateway::create(&db, Flavor::NewApi).unwrap();
     gw.set_option("QuotaPerUnit", "500000").unwrap();
@@ -38,7 +40,6 @@ fn fixture(dir: &Path) -> std::path::PathBuf {
         gw.add_channel(id, ty, name, status, balance, 100 * id, "default", "m")
             .unwrap();
     }
-    let now = unix_now();
     let start = now - now.rem_euclid(3600) - 20 * 3600;
     let mut traffic = Traffic::new(99);
     gw.conn.execute_batch("BEGIN").unwrap();
@@ -117,16 +118,33 @@ fn report(db_args: &[&str], until: i64) -> Json {
     serde_json::from_str(&out).unwrap()
 }
 
-fn until() -> i64 {
-    let now = unix_now();
-    now - now.rem_euclid(3600) + 3600
+/// The end of the reported range for a fixture built at `now`: after its newest row, and an hour
+/// that has settled already, so the report does not change while the test runs.
+fn until(now: i64) -> i64 {
+    now - now.rem_euclid(3600) - 3600
+}
+
+/// The time a fixture is built for. The sliding-window gauges move when an hour settles (10
+/// minutes past the hour with the fixture's 5-minute `DataExportInterval` and the default
+/// margin); a test that compares scrapes taken a few seconds apart starts clear of that moment.
+fn fixture_time() -> i64 {
+    loop {
+        let now = unix_now();
+        let into_hour = now.rem_euclid(3600);
+        if !(9 * 60..11 * 60).contains(&into_hour) {
+            return now;
+        }
+        eprintln!("waiting for the hour to settle before building the fixture");
+        std::thread::sleep(Duration::from_secs((11 * 60 - into_hour) as u64));
+    }
 }
 
 #[test]
 fn metrics_and_report_are_identical_on_all_three_engines() {
     let test = "metrics_and_report_are_identical_on_all_three_engines";
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = fixture(dir.path());
+    let now = fixture_time();
+    let sqlite = fixture(dir.path(), now);
     let expected = gateway_series(&InProcess::new(&sqlite).poll());
     assert!(expected.len() > 100, "{} series", expected.len());
     // Distinct byte-wise, even where MySQL's collation folds case and trailing spaces.
@@ -138,7 +156,7 @@ fn metrics_and_report_are_identical_on_all_three_engines() {
             "{m:?}"
         );
     }
-    let until = until();
+    let until = until(now);
     let expected_report = report(&["--sqlite-path", sqlite.to_str().unwrap()], until);
     assert!(
         expected_report["totals"]["missing"]["quota"]
@@ -172,9 +190,10 @@ fn metrics_and_report_are_identical_on_all_three_engines() {
 fn logs_in_a_second_database_through_log_sql_dsn() {
     let test = "logs_in_a_second_database_through_log_sql_dsn";
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = fixture(dir.path());
+    let now = fixture_time();
+    let sqlite = fixture(dir.path(), now);
     let expected = gateway_series(&InProcess::new(&sqlite).poll());
-    let until = until();
+    let until = until(now);
     let expected_report = report(&["--sqlite-path", sqlite.to_str().unwrap()], until);
     for server in SERVERS {
         let Some(admin) = admin_dsn(server, test) else {
@@ -195,8 +214,9 @@ fn logs_in_a_second_database_through_log_sql_dsn() {
 fn backfill_works_the_same_on_mysql_and_postgres() {
     let test = "backfill_works_the_same_on_mysql_and_postgres";
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = fixture(dir.path());
-    let until = until();
+    let now = fixture_time();
+    let sqlite = fixture(dir.path(), now);
+    let until = until(now);
     let sqlite_args = ["--sqlite-path", sqlite.to_str().unwrap()];
     let before = report(&sqlite_args, until);
     let missing = before["totals"]["missing"]["requests"].as_i64().unwrap();
@@ -220,7 +240,7 @@ fn backfill_works_the_same_on_mysql_and_postgres() {
         };
         let db = TestDb::create(server, &admin, "backfill");
         // The fixture as it was before the SQLite backfill.
-        let fresh = fixture(&dir.path().join(format!("{server:?}")).tap_mkdir());
+        let fresh = fixture(&dir.path().join(format!("{server:?}")).tap_mkdir(), now);
         db.copy_from_sqlite(&fresh, &TABLES);
         let args = ["--sql-dsn", db.dsn.as_str()];
         assert_eq!(report(&args, until), before, "{server:?}: before");
@@ -380,7 +400,8 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 fn an_outage_keeps_the_last_state_and_recovers_without_a_restart() {
     let test = "an_outage_keeps_the_last_state_and_recovers_without_a_restart";
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = fixture(dir.path());
+    let now = unix_now(); // compares nothing across the hour
+    let sqlite = fixture(dir.path(), now);
     for server in SERVERS {
         let Some(admin) = admin_dsn(server, test) else {
             continue;
