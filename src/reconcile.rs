@@ -14,7 +14,7 @@
 //!   model, nets out: the gateway takes the hour from a fresh clock reading, so a request at
 //!   xx:59:59 can land in the next hour.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use prometheus::proto::MetricFamily;
 use serde::Serialize;
@@ -81,6 +81,9 @@ pub struct QdHour {
     pub tokens: i64,
 }
 
+/// (user_id, model_name): the unit the reconciliation compares, and caches between polls.
+pub type PairKey = (i64, String);
+
 /// Per-hour state shared by the logs and quota_data collectors and read here.
 #[derive(Debug, Clone, Default)]
 pub struct Recording {
@@ -92,19 +95,43 @@ pub struct Recording {
     pub qd_model_newest_hour: HashMap<String, i64>,
     /// Set by the quota_data collector when the table exists.
     pub has_quota_data: bool,
-    /// Bumped whenever the per-hour maps change, so an unchanged poll can keep its report.
-    pub version: u64,
+    /// (user, model) pairs whose hours changed since the reconciliation last compared them:
+    /// a poll compares only these again while the window stays put.
+    pub dirty: HashSet<PairKey>,
 }
 
 impl Recording {
+    /// Adds consume log rows to one (user, model, hour).
+    pub fn logs_hour(&mut self, user: i64, model: &str, hour: i64) -> &mut LogsHour {
+        self.dirty.insert((user, model.to_string()));
+        self.logs_hourly
+            .entry((user, model.to_string(), hour))
+            .or_default()
+    }
+
+    /// Replaces the quota_data side with a fresh read; pairs whose hours differ become dirty.
+    pub fn replace_qd_hourly(&mut self, fresh: BTreeMap<HourKey, QdHour>) {
+        let old = std::mem::replace(&mut self.qd_hourly, fresh);
+        let changed = old
+            .iter()
+            .filter(|(k, v)| self.qd_hourly.get(*k) != Some(*v))
+            .chain(self.qd_hourly.iter().filter(|(k, _)| !old.contains_key(*k)));
+        for ((user, model, _), _) in changed {
+            self.dirty.insert((*user, model.clone()));
+        }
+    }
+
     /// Forgets hours before `from` (they left the window).
     pub fn prune(&mut self, from: i64) {
-        let before = self.logs_hourly.len() + self.qd_hourly.len();
-        self.logs_hourly.retain(|k, _| k.2 >= from);
-        self.qd_hourly.retain(|k, _| k.2 >= from);
-        if self.logs_hourly.len() + self.qd_hourly.len() != before {
-            self.version += 1;
-        }
+        let dirty = &mut self.dirty;
+        let mut keep = |k: &HourKey| {
+            if k.2 < from {
+                dirty.insert((k.0, k.1.clone()));
+            }
+            k.2 >= from
+        };
+        self.logs_hourly.retain(|k, _| keep(k));
+        self.qd_hourly.retain(|k, _| keep(k));
     }
 }
 
@@ -182,115 +209,191 @@ pub struct Report {
     pub deficits: Vec<((i64, i64, String), Amount, i64)>,
 }
 
+/// What a report covers: `[since, until)`, with missing and excess counted only for hours
+/// ending at or before `settled_until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub since: i64,
+    pub until: i64,
+    pub settled_until: i64,
+}
+
+impl Range {
+    fn in_range(&self, h: i64) -> bool {
+        h + HOUR > self.since && h < self.until
+    }
+
+    fn counted(&self, h: i64) -> bool {
+        self.in_range(h) && h + HOUR <= self.settled_until
+    }
+
+    /// One hour beyond each edge takes part in netting, so that a row that moved across an
+    /// edge can still net out; only hours in range are counted.
+    fn near(&self, h: i64) -> bool {
+        h + 2 * HOUR > self.since && h < self.until + HOUR
+    }
+}
+
+/// The comparison of one (user, model) over a range.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PairResult {
+    cmp: Comparison,
+    /// Oldest mirrored consume log in range.
+    first_log: Option<i64>,
+    /// (hour, requests and quota, tokens) deficits of settled hours after netting.
+    deficits: Vec<(i64, Amount, i64)>,
+}
+
 /// Compares logs and quota_data over `[since, until)`; missing and excess only for settled
 /// hours (before `settled_until`).
 pub fn reconcile(rec: &Recording, since: i64, until: i64, settled_until: i64) -> Report {
-    let in_range = |h: i64| h + HOUR > since && h < until;
-    let counted = |h: i64| in_range(h) && h + HOUR <= settled_until;
-    // One hour beyond each edge takes part in netting, so that a row that moved across an edge
-    // can still net out; only hours in range are counted.
-    let near = |h: i64| h + 2 * HOUR > since && h < until + HOUR;
+    let range = Range {
+        since,
+        until,
+        settled_until,
+    };
+    assemble(&compare_all(rec, range), range)
+}
 
-    // Keyed by borrowed names: this runs every poll over every (user, model, hour) of the window.
-    let mut models: BTreeMap<&str, ModelReport> = BTreeMap::new();
-    let mut first_log: HashMap<&str, i64> = HashMap::new();
-    let mut deficits = Vec::new();
-    // Both maps are ordered by (user, model, hour): walk them together, one (user, model) at
-    // a time, collecting its hours in order.
+/// Compares every (user, model) pair of the recording.
+pub fn compare_all(rec: &Recording, range: Range) -> BTreeMap<PairKey, PairResult> {
+    let mut out = BTreeMap::new();
+    // Both maps are ordered by (user, model, hour): walk them together, one pair at a time.
     let mut logs = rec.logs_hourly.iter().peekable();
     let mut qd = rec.qd_hourly.iter().peekable();
-    let mut hours: Vec<(i64, HourDiff)> = Vec::new();
     loop {
-        let next_key = match (logs.peek(), qd.peek()) {
-            (Some((a, _)), Some((b, _))) => (*a).min(*b),
-            (Some((a, _)), None) => *a,
-            (None, Some((b, _))) => *b,
+        let (user, model) = match (logs.peek(), qd.peek()) {
+            (Some((a, _)), Some((b, _))) => {
+                let k = (*a).min(*b);
+                (k.0, k.1.clone())
+            }
+            (Some((k, _)), None) | (None, Some((k, _))) => (k.0, k.1.clone()),
             (None, None) => break,
         };
-        let (user, model) = (next_key.0, next_key.1.as_str());
-        hours.clear();
-        let m = models.entry(model).or_default();
-        while let Some(((u, mname, h), l)) =
-            logs.next_if(|((u, mm, _), _)| *u == user && mm == model)
-        {
-            debug_assert_eq!((*u, mname.as_str()), (user, model));
-            let h = *h;
-            if in_range(h) {
-                if l.requests > 0 {
-                    m.cmp.logs.requests += l.requests;
-                    m.cmp.logs.quota += l.quota;
-                    m.cmp.logs.tokens += l.tokens;
-                    m.cmp.logs.latest = m.cmp.logs.latest.max(l.latest);
-                    let f = first_log.entry(model).or_insert(l.first);
-                    *f = (*f).min(l.first);
-                }
-                if counted(h) {
-                    m.cmp.unmirrored.requests += l.unmirrored_requests;
-                    m.cmp.unmirrored.quota += l.unmirrored_quota;
-                }
+        let same = |(u, m, _): &HourKey| *u == user && *m == model;
+        let l = std::iter::from_fn(|| logs.next_if(|(k, _)| same(k)));
+        let l: Vec<(i64, &LogsHour)> = l.map(|(k, v)| (k.2, v)).collect();
+        let q = std::iter::from_fn(|| qd.next_if(|(k, _)| same(k)));
+        let q: Vec<(i64, &QdHour)> = q.map(|(k, v)| (k.2, v)).collect();
+        if let Some(r) = compare_pair(&l, &q, range) {
+            out.insert((user, model), r);
+        }
+    }
+    out
+}
+
+/// Compares one (user, model) pair from the recording's current hours.
+pub fn compare_one(rec: &Recording, key: &PairKey, range: Range) -> Option<PairResult> {
+    let (user, model) = (key.0, key.1.clone());
+    let bounds = (user, model.clone(), i64::MIN)..=(user, model, i64::MAX);
+    let l: Vec<(i64, &LogsHour)> = rec
+        .logs_hourly
+        .range(bounds.clone())
+        .map(|(k, v)| (k.2, v))
+        .collect();
+    let q: Vec<(i64, &QdHour)> = rec.qd_hourly.range(bounds).map(|(k, v)| (k.2, v)).collect();
+    compare_pair(&l, &q, range)
+}
+
+/// Compares the hours of one (user, model), each side ordered by hour; `None` when nothing of
+/// it is in range.
+fn compare_pair(
+    logs: &[(i64, &LogsHour)],
+    qd: &[(i64, &QdHour)],
+    range: Range,
+) -> Option<PairResult> {
+    let mut r = PairResult::default();
+    let mut hours: Vec<(i64, HourDiff)> = Vec::new();
+    for &(h, l) in logs {
+        if range.in_range(h) {
+            if l.requests > 0 {
+                r.cmp.logs.requests += l.requests;
+                r.cmp.logs.quota += l.quota;
+                r.cmp.logs.tokens += l.tokens;
+                r.cmp.logs.latest = r.cmp.logs.latest.max(l.latest);
+                r.first_log = Some(r.first_log.map_or(l.first, |f| f.min(l.first)));
             }
-            if near(h) {
-                hours.push((
-                    h,
-                    HourDiff {
-                        requests: l.requests,
-                        quota: l.quota,
-                        tokens: l.tokens,
-                        logged_requests: l.requests,
-                        logged_quota: l.quota,
-                    },
-                ));
+            if range.counted(h) {
+                r.cmp.unmirrored.requests += l.unmirrored_requests;
+                r.cmp.unmirrored.quota += l.unmirrored_quota;
             }
         }
-        let logged = hours.len();
-        while let Some(((_, _, h), q)) = qd.next_if(|((u, mm, _), _)| *u == user && mm == model) {
-            let h = *h;
-            if in_range(h) {
-                m.cmp.quota_data.rows += q.rows;
-                m.cmp.quota_data.requests += q.requests;
-                m.cmp.quota_data.quota += q.quota;
-                m.cmp.quota_data.tokens += q.tokens;
-                m.cmp.quota_data.latest = m.cmp.quota_data.latest.max(h);
-                if counted(h) {
-                    m.cmp.duplicate_rows += q.extra_rows;
-                }
+        if range.near(h) {
+            hours.push((
+                h,
+                HourDiff {
+                    requests: l.requests,
+                    quota: l.quota,
+                    tokens: l.tokens,
+                    logged_requests: l.requests,
+                    logged_quota: l.quota,
+                },
+            ));
+        }
+    }
+    let logged = hours.len();
+    for &(h, q) in qd {
+        if range.in_range(h) {
+            r.cmp.quota_data.rows += q.rows;
+            r.cmp.quota_data.requests += q.requests;
+            r.cmp.quota_data.quota += q.quota;
+            r.cmp.quota_data.tokens += q.tokens;
+            r.cmp.quota_data.latest = r.cmp.quota_data.latest.max(h);
+            if range.counted(h) {
+                r.cmp.duplicate_rows += q.extra_rows;
             }
-            if !near(h) {
-                continue;
+        }
+        if !range.near(h) {
+            continue;
+        }
+        // Merge into the logs side's hour, or add the hour (both lists are by hour).
+        let d = match hours[..logged].binary_search_by_key(&h, |(hh, _)| *hh) {
+            Ok(i) => &mut hours[i].1,
+            Err(_) => {
+                hours.push((h, HourDiff::default()));
+                &mut hours.last_mut().expect("pushed").1
             }
-            // Merge into the logs side's hour, or add the hour (both lists are by hour).
-            let d = match hours[..logged].binary_search_by_key(&h, |(hh, _)| *hh) {
-                Ok(i) => &mut hours[i].1,
-                Err(_) => {
-                    hours.push((h, HourDiff::default()));
-                    &mut hours.last_mut().expect("pushed").1
-                }
+        };
+        d.requests -= q.requests;
+        d.quota -= q.quota;
+        d.tokens -= q.tokens;
+    }
+    hours.sort_unstable_by_key(|(h, _)| *h);
+    net_adjacent(&mut hours, |d| &mut d.requests, |d| d.logged_requests);
+    net_adjacent(&mut hours, |d| &mut d.quota, |d| d.logged_quota);
+    for (h, d) in &hours {
+        if !range.counted(*h) {
+            continue;
+        }
+        if d.requests > 0 || d.quota > 0 {
+            let amount = Amount {
+                requests: d.requests.max(0),
+                quota: d.quota.max(0),
             };
-            d.requests -= q.requests;
-            d.quota -= q.quota;
-            d.tokens -= q.tokens;
+            r.deficits.push((*h, amount, d.tokens.max(0)));
         }
-        hours.sort_unstable_by_key(|(h, _)| *h);
-        net_adjacent(&mut hours, |d| &mut d.requests, |d| d.logged_requests);
-        net_adjacent(&mut hours, |d| &mut d.quota, |d| d.logged_quota);
-        for (h, d) in &hours {
-            if !counted(*h) {
-                continue;
-            }
-            if d.requests > 0 || d.quota > 0 {
-                deficits.push((
-                    (*h, user, model.to_string()),
-                    Amount {
-                        requests: d.requests.max(0),
-                        quota: d.quota.max(0),
-                    },
-                    d.tokens.max(0),
-                ));
-            }
-            m.cmp.missing.requests += d.requests.max(0);
-            m.cmp.missing.quota += d.quota.max(0);
-            m.cmp.excess.requests += (-d.requests).max(0);
-            m.cmp.excess.quota += (-d.quota).max(0);
+        r.cmp.missing.requests += d.requests.max(0);
+        r.cmp.missing.quota += d.quota.max(0);
+        r.cmp.excess.requests += (-d.requests).max(0);
+        r.cmp.excess.quota += (-d.quota).max(0);
+    }
+    // Seen only in the hours beyond an edge.
+    (r.cmp != Comparison::default()).then_some(r)
+}
+
+/// Sums the pairs into the per-model and total report.
+pub fn assemble(pairs: &BTreeMap<PairKey, PairResult>, range: Range) -> Report {
+    // Keyed by borrowed names: this runs every poll that changed anything.
+    let mut models: BTreeMap<&str, (Comparison, Option<i64>)> = BTreeMap::new();
+    let mut deficits = Vec::new();
+    for ((user, model), p) in pairs {
+        let (cmp, first) = models.entry(model.as_str()).or_default();
+        add_comparison(cmp, &p.cmp);
+        if let Some(f) = p.first_log {
+            *first = Some(first.map_or(f, |o: i64| o.min(f)));
+        }
+        for (h, amount, tokens) in &p.deficits {
+            deficits.push(((*h, *user, model.clone()), amount.clone(), *tokens));
         }
     }
     deficits.sort_by(|a, b| a.0.cmp(&b.0));
@@ -300,31 +403,31 @@ pub fn reconcile(rec: &Recording, since: i64, until: i64, settled_until: i64) ->
     let mut oldest_log: Option<i64> = None;
     let mut newest_qd = None;
     let mut out = Vec::with_capacity(models.len());
-    for (name, mut m) in models {
-        if m.cmp == Comparison::default() {
-            continue; // seen only in the hour beyond an edge
-        }
-        let c = &m.cmp;
+    for (name, (cmp, first_log)) in models {
         let (nl, nq) = (
-            (c.logs.requests > 0).then_some(c.logs.latest),
-            (c.quota_data.rows > 0).then_some(c.quota_data.latest),
+            (cmp.logs.requests > 0).then_some(cmp.logs.latest),
+            (cmp.quota_data.rows > 0).then_some(cmp.quota_data.latest),
         );
-        m.lag_seconds = lag_seconds(nl, first_log.get(name).copied(), nq);
         newest_log = newest_log.max(nl);
         newest_qd = newest_qd.max(nq);
-        if let Some(f) = first_log.get(name) {
-            oldest_log = Some(oldest_log.map_or(*f, |o| o.min(*f)));
+        if let Some(f) = first_log {
+            oldest_log = Some(oldest_log.map_or(f, |o| o.min(f)));
         }
-        add_comparison(&mut totals, c);
-        m.model = name.to_string();
-        out.push(m);
+        add_comparison(&mut totals, &cmp);
+        out.push(ModelReport {
+            model: name.to_string(),
+            lag_seconds: lag_seconds(nl, first_log, nq),
+            cmp,
+        });
     }
     Report {
-        since,
-        until,
+        since: range.since,
+        until: range.until,
         // Reported as the end of the last hour that counted, so that a report over a range in
         // the past is the same whenever it runs.
-        settled_until: settled_until.min(hour_of(until.saturating_add(HOUR - 1))),
+        settled_until: range
+            .settled_until
+            .min(hour_of(range.until.saturating_add(HOUR - 1))),
         lag_seconds: lag_seconds(newest_log, oldest_log, newest_qd),
         totals,
         models: out,
@@ -413,8 +516,10 @@ pub struct ReconcileCollector {
     admission: crate::collect::Admission,
     /// The series each model is shown in (itself, or `__other__`).
     shown_as: HashMap<String, String>,
-    /// (recording version, since, until, settled_until) of the last report.
-    computed_for: Option<(u64, i64, i64, i64)>,
+    /// Each (user, model) compared over `range`; a poll compares again only the pairs whose
+    /// hours changed, unless the range moved (once an hour).
+    pairs: BTreeMap<PairKey, PairResult>,
+    range: Option<Range>,
 }
 
 impl ReconcileCollector {
@@ -446,14 +551,31 @@ impl Collector for ReconcileCollector {
             return Ok(());
         }
         let (since, until) = ctx.window();
-        let settled = ctx.settled_until();
-        let inputs = (rec.version, since, until, settled);
+        let range = Range {
+            since,
+            until,
+            settled_until: ctx.settled_until(),
+        };
         let report = match &self.report {
             // Nothing the comparison reads has changed since the last poll.
-            Some(r) if self.computed_for == Some(inputs) => r.clone(),
-            _ => std::sync::Arc::new(reconcile(rec, since, until, settled)),
+            Some(r) if self.range == Some(range) && rec.dirty.is_empty() => r.clone(),
+            Some(_) if self.range == Some(range) => {
+                for key in &rec.dirty {
+                    match compare_one(rec, key, range) {
+                        Some(r) => self.pairs.insert(key.clone(), r),
+                        None => self.pairs.remove(key),
+                    };
+                }
+                std::sync::Arc::new(assemble(&self.pairs, range))
+            }
+            _ => {
+                self.pairs = compare_all(rec, range);
+                std::sync::Arc::new(assemble(&self.pairs, range))
+            }
         };
-        self.computed_for = Some(inputs);
+        self.range = Some(range);
+        ctx.recording.dirty.clear();
+        let rec = &ctx.recording;
         // Lag over all history (an outage longer than the window still shows in full).
         self.model_lag.clear();
         let mut newest_log = None;
@@ -703,6 +825,68 @@ mod tests {
         // Not settled yet: the settled end is the wall-clock one.
         let r = reconcile(&rec, 0, 12 * HOUR, 11 * HOUR);
         assert_eq!(r.settled_until, 11 * HOUR);
+    }
+
+    /// The poll path: compare every pair once, then after each change only the dirty pairs.
+    #[test]
+    fn comparing_only_changed_pairs_equals_comparing_everything() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: i64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((seed >> 33) % n as u64) as i64
+        };
+        let range = Range {
+            since: 10 * HOUR,
+            until: 30 * HOUR,
+            settled_until: 28 * HOUR,
+        };
+        let mut rec = Recording::default();
+        let mut pairs = compare_all(&rec, range);
+        for round in 0..200 {
+            // New log rows for a few pairs, at any hour around the range.
+            for _ in 0..next(4) {
+                let model = ["a", "b", "c"][next(3) as usize];
+                let h = rec.logs_hour(next(5), model, (8 + next(25)) * HOUR);
+                let t = h.first.max(1);
+                h.add_mirrored(1, 10 + next(90), next(50), t, t);
+            }
+            // Now and then a flush: quota_data read again, some hours changed or gone.
+            if round % 3 == 0 {
+                let mut fresh = rec.qd_hourly.clone();
+                for _ in 0..next(6) {
+                    let key = (
+                        next(5),
+                        ["a", "b", "c"][next(3) as usize].to_string(),
+                        (8 + next(25)) * HOUR,
+                    );
+                    if next(4) == 0 {
+                        fresh.remove(&key);
+                    } else {
+                        let q = fresh.entry(key).or_default();
+                        q.rows = 1 + next(2);
+                        q.extra_rows = q.rows - 1;
+                        q.requests += 1;
+                        q.quota += 10 + next(90);
+                    }
+                }
+                rec.replace_qd_hourly(fresh);
+            }
+            for key in std::mem::take(&mut rec.dirty) {
+                match compare_one(&rec, &key, range) {
+                    Some(r) => pairs.insert(key, r),
+                    None => pairs.remove(&key),
+                };
+            }
+            let full = compare_all(&rec, range);
+            assert_eq!(pairs, full, "round {round}");
+            assert_eq!(
+                assemble(&pairs, range),
+                reconcile(&rec, 10 * HOUR, 30 * HOUR, 28 * HOUR)
+            );
+        }
+        assert!(!pairs.is_empty());
     }
 
     #[test]

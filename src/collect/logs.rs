@@ -303,12 +303,8 @@ impl LogsCollector {
                 t.1 = t.1.max(latest);
             }
             if let Some(hour) = row.get(C_HOUR).and_then(Value::as_i64) {
-                let h = rec
-                    .logs_hourly
-                    .entry((int(C_USER), model.clone(), hour))
-                    .or_default();
+                let h = rec.logs_hour(int(C_USER), &model, hour);
                 let n = rows as i64;
-                rec.version += 1;
                 if unmirrored {
                     h.unmirrored_requests += n;
                     h.unmirrored_quota += int(C_QUOTA);

@@ -269,8 +269,7 @@ impl Collector for QuotaDataCollector {
         // Per-hour view for the reconciliation, keyed like logs: (user_id, model, hour).
         let rec = &mut ctx.recording;
         rec.has_quota_data = true;
-        rec.qd_hourly.clear();
-        rec.version += 1;
+        let mut qd_hourly: BTreeMap<(i64, String, i64), QdHour> = BTreeMap::new();
         rec.qd_model_newest_hour = self
             .frozen_newest_hour
             .iter()
@@ -286,10 +285,7 @@ impl Collector for QuotaDataCollector {
                 .or_insert(*hour);
             *newest = (*newest).max(*hour);
             if *hour < live_until {
-                let q: &mut QdHour = rec
-                    .qd_hourly
-                    .entry((*user, model.clone(), *hour))
-                    .or_default();
+                let q = qd_hourly.entry((*user, model.clone(), *hour)).or_default();
                 q.rows += row.rows;
                 q.extra_rows += row.rows - 1;
                 q.requests += row.totals.requests;
@@ -297,6 +293,8 @@ impl Collector for QuotaDataCollector {
                 q.tokens += row.totals.tokens;
             }
         }
+
+        rec.replace_qd_hourly(qd_hourly);
 
         // Models beyond --series.max-per-metric share one series; membership is stable, so the
         // sums stay monotonic.

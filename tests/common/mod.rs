@@ -193,6 +193,8 @@ pub struct Running {
     pub child: Child,
     pub addr: String,
     pub stderr: mpsc::Receiver<String>,
+    /// Lines printed before the listen line (the first poll may log before it).
+    early: std::sync::Mutex<Vec<String>>,
 }
 
 impl Running {
@@ -236,6 +238,7 @@ impl Running {
                             child,
                             addr,
                             stderr: rx,
+                            early: std::sync::Mutex::new(seen),
                         };
                     }
                     seen.push(line);
@@ -279,8 +282,11 @@ impl Running {
     }
 
     /// Stderr lines printed so far.
+    /// The stderr lines not returned before, from the start on.
     pub fn stderr_lines(&self) -> Vec<String> {
-        self.stderr.try_iter().collect()
+        let mut lines = std::mem::take(&mut *self.early.lock().unwrap());
+        lines.extend(self.stderr.try_iter());
+        lines
     }
 }
 
