@@ -520,6 +520,8 @@ pub struct ReconcileCollector {
     /// hours changed, unless the range moved (once an hour).
     pairs: BTreeMap<PairKey, PairResult>,
     range: Option<Range>,
+    /// Hours before this were forgotten by the last prune.
+    pruned_below: Option<i64>,
 }
 
 impl ReconcileCollector {
@@ -605,7 +607,11 @@ impl Collector for ReconcileCollector {
             }
         }
         ctx.folded.insert("reconcile", self.admission.folded());
-        ctx.recording.prune(since - HOUR);
+        if self.pruned_below != Some(since - HOUR) {
+            // Hours only leave the window when it moves (once an hour).
+            ctx.recording.prune(since - HOUR);
+            self.pruned_below = Some(since - HOUR);
+        }
         ctx.report = Some(report.clone());
         self.report = Some(report);
         Ok(())

@@ -181,11 +181,14 @@ fn reconcile_json(db: &Path, extra: &[&str]) -> Json {
     serde_json::from_slice(&out.stdout).expect("reconcile prints JSON")
 }
 
-/// Checks gauges and the JSON report against the oracle; returns the scrape.
-fn check_against_oracle(db: &Path) -> Vec<Sample> {
+/// Checks the reconciliation gauges of a scrape against the oracle; returns the oracle's drift
+/// and lags.
+fn assert_gauges_match_oracle(
+    db: &Path,
+    samples: &[Sample],
+) -> (BTreeMap<String, Drift>, i64, BTreeMap<String, i64>) {
     let want = oracle(db);
     let (lag, model_lag) = oracle_lag(db);
-    let samples = InProcess::new(db).poll();
     for (metric, get) in [
         (
             "newapi_quota_data_missing_requests",
@@ -195,7 +198,7 @@ fn check_against_oracle(db: &Path) -> Vec<Sample> {
         ("newapi_quota_data_excess_requests", |d| d.excess_requests),
         ("newapi_quota_data_excess_quota", |d| d.excess_quota),
     ] {
-        let got = gauge_by_model(&samples, metric);
+        let got = gauge_by_model(samples, metric);
         for (model, d) in &want {
             assert_eq!(
                 got.get(model).copied().unwrap_or(0),
@@ -209,15 +212,18 @@ fn check_against_oracle(db: &Path) -> Vec<Sample> {
             "{metric} total"
         );
     }
+    assert_eq!(scalar(samples, "newapi_quota_data_lag_seconds") as i64, lag);
     assert_eq!(
-        scalar(&samples, "newapi_quota_data_lag_seconds") as i64,
-        lag
-    );
-    assert_eq!(
-        gauge_by_model(&samples, "newapi_quota_data_model_lag_seconds"),
+        gauge_by_model(samples, "newapi_quota_data_model_lag_seconds"),
         model_lag
     );
+    (want, lag, model_lag)
+}
 
+/// Checks gauges and the JSON report against the oracle; returns the scrape.
+fn check_against_oracle(db: &Path) -> Vec<Sample> {
+    let samples = InProcess::new(db).poll();
+    let (want, lag, model_lag) = assert_gauges_match_oracle(db, &samples);
     let report = reconcile_json(db, &[]);
     assert_eq!(report["lag_seconds"].as_i64(), Some(lag));
     let total = |f: fn(&Drift) -> i64| want.values().map(f).sum::<i64>();
@@ -271,6 +277,74 @@ fn sum_i64(db: &Path, sql: &str) -> i64 {
         .query_row(sql, [], |r| r.get::<_, Option<i64>>(0))
         .unwrap()
         .unwrap_or(0)
+}
+
+/// The exporter keeps polling while the gateway flushes into the current hour: a new row, then
+/// an increment of that row in place, each reach the next poll of the same process.
+#[test]
+fn flushes_between_polls_reach_the_next_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    let mut gw = build(&db, |_, _| {});
+    let mut exp = InProcess::new(&db);
+    let check = |samples: &[Sample], step: &str| {
+        for (metric, column) in [
+            ("newapi_quota_data_requests_total", "count"),
+            ("newapi_quota_data_quota_total", "quota"),
+            ("newapi_quota_data_tokens_total", "token_used"),
+        ] {
+            let got = gauge_by_model(samples, metric);
+            for model in MODELS {
+                let sql =
+                    format!("SELECT SUM({column}) FROM quota_data WHERE model_name = '{model}'");
+                assert_eq!(got[model], sum_i64(&db, &sql), "{step}: {metric} {model}");
+            }
+        }
+        // Healthy history, and the new rows sit in the current hour, which is not settled:
+        // nothing is missing or in excess.
+        for metric in [
+            "newapi_quota_data_missing_requests",
+            "newapi_quota_data_missing_quota",
+            "newapi_quota_data_excess_requests",
+            "newapi_quota_data_excess_quota",
+        ] {
+            let got = gauge_by_model(samples, metric);
+            assert!(got.values().all(|v| *v == 0), "{step}: {metric} {got:?}");
+        }
+        let (lag, model_lag) = oracle_lag(&db);
+        assert_eq!(
+            scalar(samples, "newapi_quota_data_lag_seconds") as i64,
+            lag,
+            "{step}"
+        );
+        assert_eq!(
+            gauge_by_model(samples, "newapi_quota_data_model_lag_seconds"),
+            model_lag,
+            "{step}"
+        );
+        lag
+    };
+    assert_eq!(check(&exp.poll(), "start"), 0);
+    let now = unix_now();
+    let before = sum_i64(&db, "SELECT SUM(count) FROM quota_data");
+    // Logged, not flushed yet: quota_data is unchanged.
+    gw.record(&consume(1, "gpt-4o", now, 700), true, now)
+        .unwrap();
+    check(&exp.poll(), "logged");
+    gw.flush().unwrap();
+    assert_eq!(
+        sum_i64(&db, "SELECT SUM(count) FROM quota_data"),
+        before + 1
+    );
+    check(&exp.poll(), "new row flushed");
+    // The same (user, model, hour) again: the gateway increments the row in place.
+    let rows = sum_i64(&db, "SELECT COUNT(*) FROM quota_data");
+    gw.record(&consume(1, "gpt-4o", now, 300), true, now)
+        .unwrap();
+    gw.flush().unwrap();
+    assert_eq!(sum_i64(&db, "SELECT COUNT(*) FROM quota_data"), rows);
+    check(&exp.poll(), "row incremented in place");
+    check(&exp.poll(), "nothing changed");
 }
 
 #[test]

@@ -2,8 +2,10 @@
 //! per-hour rows the reconciliation compares with `logs`.
 //!
 //! The gateway increments rows in place, so an id cursor alone misses changes. Hours inside
-//! the reconciliation range (the window, and everything newer) are re-read every poll through
-//! the `created_at` index; the cost follows the recent hours, not the table. Older hours are
+//! the reconciliation range (the window, and everything newer) are re-read through the
+//! `created_at` index: the unsettled hours whenever one statement's row count and sums over
+//! them changed since the last poll, the whole range every 10 minutes; the cost follows the
+//! recent hours, not the table. Older hours are
 //! frozen: read once at start-up in primary-key chunks, plus any row inserted there later
 //! (found through the id cursor). An increment to a frozen hour after start-up (a very late
 //! flush) shows in the counters after the next restart.
@@ -74,6 +76,8 @@ pub struct QuotaDataCollector {
     admission: super::Admission,
     /// When the whole window was last re-read.
     last_full_read: i64,
+    /// The first hour re-read by the last poll, and what the bounds statement returned for it.
+    live_fingerprint: Option<(i64, Vec<Value>)>,
 }
 
 impl QuotaDataCollector {
@@ -102,8 +106,10 @@ impl QuotaDataCollector {
             ),
             max_id_sql: format!("SELECT MAX({id}) FROM quota_data"),
             next_id_sql: format!("SELECT MIN({id}) FROM quota_data WHERE {id} > ?"),
+            // The range to re-read, and a fingerprint of it: the gateway only ever increments
+            // `count` or inserts rows, so any flush changes the row count or a sum.
             bounds_sql: format!(
-                "SELECT MIN({created}), MAX({created}) FROM quota_data WHERE {created} >= ?"
+                "SELECT MIN({created}), MAX({created}), {sums} FROM quota_data WHERE {created} >= ?"
             ),
             started: false,
             frozen_below: i64::MIN,
@@ -114,6 +120,7 @@ impl QuotaDataCollector {
             emitted: BTreeMap::new(),
             admission: super::Admission::new(max_series),
             last_full_read: i64::MIN,
+            live_fingerprint: None,
         }
     }
 
@@ -161,15 +168,22 @@ impl QuotaDataCollector {
         Ok(())
     }
 
-    /// Re-reads every row of hours at or after `from` (at or after `frozen_below`).
+    /// Re-reads every row of hours at or after `from` (at or after `frozen_below`); unless
+    /// `full`, only when their fingerprint changed since the last poll.
     fn read_live(
         &mut self,
         db: &mut dyn crate::db::Database,
         ctx: &mut Context,
         from: i64,
+        full: bool,
     ) -> Result<bool> {
         let from = from.max(self.frozen_below);
         let bounds = db.query(&self.bounds_sql, &[Value::Int(from)])?;
+        let fingerprint = (from, bounds.first().cloned().unwrap_or_default());
+        if !full && self.live_fingerprint.as_ref() == Some(&fingerprint) {
+            return Ok(false);
+        }
+        self.live_fingerprint = Some(fingerprint);
         // Hours before `from` keep what was read before; the rest is read again and compared.
         let before = self
             .live
@@ -259,7 +273,7 @@ impl Collector for QuotaDataCollector {
         } else {
             ctx.settled_until()
         };
-        changed |= self.read_live(db, ctx, from)?;
+        changed |= self.read_live(db, ctx, from, full)?;
         self.started = true;
         if !changed {
             // quota_data only changes when a gateway node flushes: keep what was built.
