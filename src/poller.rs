@@ -380,9 +380,14 @@ impl Poller {
         shared.publish(self.render(None));
         while !self.stop.load(Ordering::Relaxed) {
             self.poll_once(&shared);
+            // Asleep until the next poll; shutdown unparks this thread (see `serve`).
             let next = Instant::now() + interval;
-            while Instant::now() < next && !self.stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(50).min(interval));
+            while !self.stop.load(Ordering::Relaxed) {
+                let left = next.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::park_timeout(left);
             }
         }
     }

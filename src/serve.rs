@@ -102,7 +102,15 @@ pub async fn run(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Re
     let app = crate::web::router(shared, &web.telemetry_path).layer(
         axum::middleware::from_fn_with_state(auth, crate::web_config::require_auth),
     );
-    let signal_stop = stop.clone();
+    // Shutdown sets the flag and wakes the poller from its sleep between polls.
+    let stop_polling = {
+        let poller_thread = poll_thread.thread().clone();
+        move || {
+            stop.store(true, Ordering::Relaxed);
+            poller_thread.unpark();
+        }
+    };
+    let signal_stop = stop_polling.clone();
     match web_config.rustls()? {
         None => {
             let addr = listener.local_addr()?;
@@ -110,7 +118,7 @@ pub async fn run(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Re
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
                     shutdown_signal().await;
-                    signal_stop.store(true, Ordering::Relaxed);
+                    signal_stop();
                 })
                 .await?;
         }
@@ -120,7 +128,7 @@ pub async fn run(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Re
             let signal_handle = handle.clone();
             tokio::spawn(async move {
                 shutdown_signal().await;
-                signal_stop.store(true, Ordering::Relaxed);
+                signal_stop();
                 signal_handle.graceful_shutdown(Some(std::time::Duration::from_millis(500)));
             });
             let server = axum_server::from_tcp_rustls(listener.into_std()?, tls)?
@@ -133,7 +141,7 @@ pub async fn run(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Re
             task.await??;
         }
     }
-    stop.store(true, Ordering::Relaxed);
+    stop_polling();
     tokio::task::spawn_blocking(move || {
         let _ = poll_thread.join();
         if let Some(o) = otlp {
