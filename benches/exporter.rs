@@ -377,8 +377,30 @@ fn writer_during_cold_start() {
     let _ = std::fs::remove_file(&db);
 }
 
-/// (utime + stime) of a process, in seconds.
+/// CPU time of a process, in seconds: the scheduler's per-thread run time (sub-millisecond),
+/// summed over its threads; `/proc/PID/stat` (10 ms ticks) where the kernel does not show it.
+/// An idle exporter uses a few ticks in minutes, too few for tick counts to tell apart.
 fn cpu_seconds(pid: u32) -> f64 {
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let mut ms = 0.0;
+    let mut found = false;
+    for t in threads.flatten() {
+        let Ok(sched) = std::fs::read_to_string(t.path().join("sched")) else {
+            continue;
+        };
+        if let Some(v) = sched
+            .lines()
+            .find(|l| l.starts_with("se.sum_exec_runtime"))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+        {
+            ms += v;
+            found = true;
+        }
+    }
+    if found {
+        return ms / 1000.0;
+    }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let after = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = after.split_whitespace().collect();
