@@ -66,7 +66,9 @@ async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) -> Htm
     Html(format!(
         r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>newapi-exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}} td{{padding:0 1em 0 0}} .ok{{color:#080}} .bad{{color:#b00}}</style>
+<style>body{{font-family:sans-serif;margin:2em}} td{{padding:0 1em 0 0}} .ok{{color:#080}} .bad{{color:#b00}}
+table.cmp{{border-collapse:collapse;font-size:0.85em}} .cmp th,.cmp td{{border:1px solid #999;padding:0.2em 0.5em;white-space:nowrap}}
+.cmp th{{white-space:normal}} .cmp td+td{{text-align:right;font-variant-numeric:tabular-nums}}</style>
 </head><body>
 <h1>newapi-exporter</h1>
 <p>Prometheus exporter for the new-api / one-api LLM gateway.</p>
@@ -95,6 +97,10 @@ async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) -> Htm
     ))
 }
 
+fn duration(seconds: i64) -> humantime::FormattedDuration {
+    humantime::format_duration(std::time::Duration::from_secs(seconds.max(0) as u64))
+}
+
 /// The logs-versus-quota_data comparison over the reconciliation window.
 fn recording_section(st: &crate::poller::Status) -> String {
     use crate::report::{self, rfc3339};
@@ -109,13 +115,25 @@ fn recording_section(st: &crate::poller::Status) -> String {
     };
     let mut html = format!(
         "<h2>Recording health: logs against quota_data</h2>\n<p>Hours {} to {}; missing and excess \
-         count settled hours (before {}). quota_data lag: {} s.</p>\n<table border=1 cellspacing=0>\n<tr>",
+         count settled hours (before {}). quota_data lag: {}{}.</p>\n<table class=cmp>\n<tr>",
         esc(&rfc3339(r.since)),
         esc(&rfc3339(r.until)),
         esc(&rfc3339(r.settled_until)),
-        r.lag_seconds
+        duration(r.lag_seconds),
+        // The overall lag stays low while other models keep recording: name the worst one.
+        r.models
+            .iter()
+            .filter(|m| m.lag_seconds > r.lag_seconds)
+            .max_by_key(|m| m.lag_seconds)
+            .map(|m| format!(
+                "; <span class=bad>longest per model: {} ({})</span>",
+                esc(&m.model),
+                duration(m.lag_seconds)
+            ))
+            .unwrap_or_default(),
     );
     for h in report::HEADERS {
+        let h = if h == "lag" { "lag (s)" } else { h };
         html.push_str(&format!("<th>{}</th>", h.replace('_', " ")));
     }
     html.push_str("</tr>\n");

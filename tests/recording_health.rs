@@ -754,6 +754,14 @@ fn the_landing_page_shows_the_comparison() {
     );
     assert!(!page.contains("<b>wf</b>"));
     assert!(page.contains(&(HOURS * 9_999).to_string()));
+    // The other models keep recording, so the overall lag is zero; the page names the model
+    // that never did: its first and newest logs are HOURS - 1 hours apart.
+    assert_eq!(HOURS, 16);
+    assert!(page.contains("quota_data lag: 0s"), "{page}");
+    assert!(
+        page.contains("longest per model: &lt;b&gt;wf&lt;/b&gt; (15h)"),
+        "{page}"
+    );
 }
 
 fn qd_snapshot(db: &Path) -> String {
