@@ -244,6 +244,17 @@ pub struct PairResult {
     deficits: Vec<(i64, Amount, i64)>,
 }
 
+impl Report {
+    /// The model lagging most, when it lags more than the whole: the overall lag stays low while
+    /// other models keep recording, which is how one model that stopped can go unnoticed.
+    pub fn worst_model_lag(&self) -> Option<&ModelReport> {
+        self.models
+            .iter()
+            .filter(|m| m.lag_seconds > self.lag_seconds)
+            .max_by_key(|m| m.lag_seconds)
+    }
+}
+
 /// Compares logs and quota_data over `[since, until)`; missing and excess only for settled
 /// hours (before `settled_until`).
 pub fn reconcile(rec: &Recording, since: i64, until: i64, settled_until: i64) -> Report {

@@ -81,6 +81,11 @@ pub fn rfc3339(t: i64) -> String {
     .to_string()
 }
 
+/// Seconds as a readable duration (`2days 48m 20s`); negative as zero.
+pub fn duration(seconds: i64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(seconds.max(0) as u64)).to_string()
+}
+
 fn plain(t: i64) -> String {
     t.to_string()
 }
@@ -108,13 +113,19 @@ fn table(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "range {} .. {}; missing/excess over settled hours before {}; lag {}",
+        "range {} .. {}; missing/excess over settled hours before {}; lag {}{}",
         rfc3339(report.since),
         rfc3339(report.until),
         rfc3339(report.settled_until),
-        humantime::format_duration(std::time::Duration::from_secs(
-            report.lag_seconds.max(0) as u64
-        )),
+        duration(report.lag_seconds),
+        report
+            .worst_model_lag()
+            .map(|m| format!(
+                "; longest per model: {} ({})",
+                m.model.replace(['\n', '\r'], " "),
+                duration(m.lag_seconds)
+            ))
+            .unwrap_or_default(),
     );
     let mut grid = vec![HEADERS.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
     grid.extend(rows(report, rfc3339));

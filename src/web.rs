@@ -97,13 +97,9 @@ table.cmp{{border-collapse:collapse;font-size:0.85em}} .cmp th,.cmp td{{border:1
     ))
 }
 
-fn duration(seconds: i64) -> humantime::FormattedDuration {
-    humantime::format_duration(std::time::Duration::from_secs(seconds.max(0) as u64))
-}
-
 /// The logs-versus-quota_data comparison over the reconciliation window.
 fn recording_section(st: &crate::poller::Status) -> String {
-    use crate::report::{self, rfc3339};
+    use crate::report::{self, duration, rfc3339};
     let Some(r) = &st.report else {
         return match st.flavor {
             Some(crate::schema::Flavor::OneApi) => "<h2>Recording health</h2>\n<p>Not available: \
@@ -120,11 +116,7 @@ fn recording_section(st: &crate::poller::Status) -> String {
         esc(&rfc3339(r.until)),
         esc(&rfc3339(r.settled_until)),
         duration(r.lag_seconds),
-        // The overall lag stays low while other models keep recording: name the worst one.
-        r.models
-            .iter()
-            .filter(|m| m.lag_seconds > r.lag_seconds)
-            .max_by_key(|m| m.lag_seconds)
+        r.worst_model_lag()
             .map(|m| format!(
                 "; <span class=bad>longest per model: {} ({})</span>",
                 esc(&m.model),
