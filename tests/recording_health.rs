@@ -633,6 +633,35 @@ fn one_api_has_no_recording_metrics_and_the_page_says_why() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no quota_data table"));
 }
 
+/// On one-api there is nothing to compare, so the per-hour aggregates of recent logs are not
+/// kept: a long-running exporter's memory does not grow by an hour of them every hour.
+#[test]
+fn one_api_keeps_no_hourly_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    let mut gw = Gateway::create(&db, Flavor::OneApi).unwrap();
+    let now = unix_now();
+    for (k, model) in ["gpt-4o", "claude"].iter().enumerate() {
+        let t = now - 3 * HOUR + k as i64 * 60;
+        gw.record(&consume(1 + k as i64, model, t, 10), true, t)
+            .unwrap();
+    }
+    let mut src = newapi_exporter::serve::sqlite_connector(db.clone())().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut p = newapi_exporter::poller::Poller::build_pipeline(
+        &mut src,
+        newapi_exporter::collect::Settings::default(),
+        stop,
+    )
+    .unwrap();
+    for _ in 0..2 {
+        p.poll(&mut src, unix_now()).unwrap();
+        assert!(p.ctx.recording.logs_hourly.is_empty());
+        assert!(p.ctx.recording.dirty.is_empty());
+    }
+    assert_eq!(p.ctx.logs_cursor, 2, "both rows were read");
+}
+
 /// The incident: 105 workflow log rows with quota 265,766,280; 20 quota_data rows with
 /// 56,317,943; newest log (2025-10-21 16:32) four days after the newest quota_data hour
 /// (2025-10-17 15:00).

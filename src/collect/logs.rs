@@ -74,6 +74,9 @@ pub struct LogsCollector {
     usage: HashMap<UsageKey, Usage>,
     /// Whether commits can become visible out of id order (MySQL, PostgreSQL).
     track_gaps: bool,
+    /// Whether rows keep their hour and user for the reconciliation: not on one-api, which has
+    /// no quota_data to compare with.
+    keeps_hours: bool,
     labels: super::LabelSettings,
     admission: super::Admission,
     /// Ids not seen below the cursor, with the time they were first missed.
@@ -174,6 +177,7 @@ impl LogsCollector {
             cursor: 0,
             usage: HashMap::new(),
             track_gaps: dialect.0 != crate::db::Engine::Sqlite,
+            keeps_hours: schema.quota_data.is_some(),
             labels: labels.clone(),
             admission: super::Admission::new(labels.max_series),
             gaps: std::collections::BTreeMap::new(),
@@ -231,7 +235,12 @@ impl LogsCollector {
         params: &[Value],
         by_row: bool,
     ) -> Result<Vec<i64>> {
-        let (from, until) = ctx.hourly_range();
+        // An empty range puts every row in the single NULL hour bucket.
+        let (from, until) = if self.keeps_hours {
+            ctx.hourly_range()
+        } else {
+            (0, 0)
+        };
         let mut all = vec![
             Value::Int(from),
             Value::Int(until),
