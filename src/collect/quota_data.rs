@@ -5,10 +5,9 @@
 //! the reconciliation range (the window, and everything newer) are re-read through the
 //! `created_at` index: the unsettled hours whenever one statement's row count and sums over
 //! them changed since the last poll, the whole range every 10 minutes; the cost follows the
-//! recent hours, not the table. Older hours are
-//! frozen: read once at start-up in primary-key chunks, plus any row inserted there later
-//! (found through the id cursor). An increment to a frozen hour after start-up (a very late
-//! flush) shows in the counters after the next restart.
+//! recent hours, not the table. Older hours are frozen: read once at start-up in primary-key
+//! chunks, plus any row inserted there later (found through the id cursor). An increment to a
+//! frozen hour after start-up (a very late flush) shows in the counters after the next restart.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -17,7 +16,7 @@ use prometheus::proto::MetricFamily;
 
 use super::{Collector, Context, Family};
 use crate::db::{Sources, Value};
-use crate::reconcile::{HOUR, QdHour, hour_of};
+use crate::reconcile::{HOUR, HourKey, QdHour, hour_of};
 
 /// Hours re-read by one statement.
 const LIVE_CHUNK_HOURS: i64 = 6;
@@ -283,7 +282,7 @@ impl Collector for QuotaDataCollector {
         // Per-hour view for the reconciliation, keyed like logs: (user_id, model, hour).
         let rec = &mut ctx.recording;
         rec.has_quota_data = true;
-        let mut qd_hourly: BTreeMap<(i64, String, i64), QdHour> = BTreeMap::new();
+        let mut qd_hourly: BTreeMap<HourKey, QdHour> = BTreeMap::new();
         rec.qd_model_newest_hour = self
             .frozen_newest_hour
             .iter()
