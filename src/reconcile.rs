@@ -121,17 +121,11 @@ impl Recording {
         }
     }
 
-    /// Forgets hours before `from` (they left the window).
+    /// Forgets hours before `from` (they left the window). They take part in no comparison
+    /// (see `Context::hourly_range`), so no pair becomes dirty.
     pub fn prune(&mut self, from: i64) {
-        let dirty = &mut self.dirty;
-        let mut keep = |k: &HourKey| {
-            if k.2 < from {
-                dirty.insert((k.0, k.1.clone()));
-            }
-            k.2 >= from
-        };
-        self.logs_hourly.retain(|k, _| keep(k));
-        self.qd_hourly.retain(|k, _| keep(k));
+        self.logs_hourly.retain(|k, _| k.2 >= from);
+        self.qd_hourly.retain(|k, _| k.2 >= from);
     }
 }
 
@@ -268,29 +262,19 @@ pub fn reconcile(rec: &Recording, since: i64, until: i64, settled_until: i64) ->
 
 /// Compares every (user, model) pair of the recording.
 pub fn compare_all(rec: &Recording, range: Range) -> BTreeMap<PairKey, PairResult> {
-    let mut out = BTreeMap::new();
-    // Both maps are ordered by (user, model, hour): walk them together, one pair at a time.
-    let mut logs = rec.logs_hourly.iter().peekable();
-    let mut qd = rec.qd_hourly.iter().peekable();
-    loop {
-        let (user, model) = match (logs.peek(), qd.peek()) {
-            (Some((a, _)), Some((b, _))) => {
-                let k = (*a).min(*b);
-                (k.0, k.1.clone())
-            }
-            (Some((k, _)), None) | (None, Some((k, _))) => (k.0, k.1.clone()),
-            (None, None) => break,
-        };
-        let same = |(u, m, _): &HourKey| *u == user && *m == model;
-        let l = std::iter::from_fn(|| logs.next_if(|(k, _)| same(k)));
-        let l: Vec<(i64, &LogsHour)> = l.map(|(k, v)| (k.2, v)).collect();
-        let q = std::iter::from_fn(|| qd.next_if(|(k, _)| same(k)));
-        let q: Vec<(i64, &QdHour)> = q.map(|(k, v)| (k.2, v)).collect();
-        if let Some(r) = compare_pair(&l, &q, range) {
-            out.insert((user, model), r);
-        }
-    }
-    out
+    let pairs: std::collections::BTreeSet<(i64, &str)> = rec
+        .logs_hourly
+        .keys()
+        .chain(rec.qd_hourly.keys())
+        .map(|(user, model, _)| (*user, model.as_str()))
+        .collect();
+    pairs
+        .into_iter()
+        .filter_map(|(user, model)| {
+            let key = (user, model.to_string());
+            compare_one(rec, &key, range).map(|r| (key, r))
+        })
+        .collect()
 }
 
 /// Compares one (user, model) pair from the recording's current hours.
@@ -618,10 +602,11 @@ impl Collector for ReconcileCollector {
             }
         }
         ctx.folded.insert("reconcile", self.admission.folded());
-        if self.pruned_below != Some(since - HOUR) {
-            // Hours only leave the window when it moves (once an hour).
-            ctx.recording.prune(since - HOUR);
-            self.pruned_below = Some(since - HOUR);
+        // Hours only leave the range the collectors keep when the window moves (once an hour).
+        let keep_from = ctx.hourly_range().0;
+        if self.pruned_below != Some(keep_from) {
+            ctx.recording.prune(keep_from);
+            self.pruned_below = Some(keep_from);
         }
         ctx.report = Some(report.clone());
         self.report = Some(report);

@@ -347,6 +347,46 @@ fn flushes_between_polls_reach_the_next_poll() {
     check(&exp.poll(), "nothing changed");
 }
 
+/// With a window that is not a whole number of hours, the hour before its first hour still
+/// takes part in netting: a row logged there at xx:59:59 and filed by the gateway under the next
+/// hour nets out, on every poll of the same process, not only the first.
+#[test]
+fn a_skewed_row_at_the_edge_of_an_uneven_window_nets_out_on_every_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    let mut gw = Gateway::create(&db, Flavor::NewApi).unwrap();
+    let window = 90 * 60;
+    // Default DataExportInterval (5 min) and settle margin (5 min).
+    let now = unix_now();
+    let settled = (now - 600) - (now - 600).rem_euclid(HOUR);
+    let since = settled - window;
+    let first_hour = since - since.rem_euclid(HOUR);
+    let t = first_hour - 1;
+    gw.record(&consume(1, "gpt-4o", t, 500), true, first_hour)
+        .unwrap();
+    gw.flush().unwrap();
+    let mut exp = InProcess::with_settings(
+        &db,
+        newapi_exporter::collect::Settings {
+            window_secs: window,
+            ..Default::default()
+        },
+    );
+    for poll in 0..3 {
+        let s = exp.poll();
+        for metric in [
+            "newapi_quota_data_excess_requests",
+            "newapi_quota_data_missing_requests",
+        ] {
+            assert_eq!(
+                gauge_by_model(&s, metric).get("gpt-4o"),
+                Some(&0),
+                "poll {poll}: {metric}"
+            );
+        }
+    }
+}
+
 #[test]
 fn healthy_gateway_shows_no_drift() {
     let dir = tempfile::tempdir().unwrap();
