@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use newapi_exporter::collect::Settings;
-use newapi_exporter::poller::{Poller, Shared};
-use newapi_exporter::serve::sqlite_connector;
+use newapi_exporter::poll::Poller;
+use newapi_exporter::poll::sqlite_connector;
+use newapi_exporter::snapshot::Shared;
 
 const BIN: &str = env!("CARGO_BIN_EXE_newapi-exporter");
 
@@ -172,7 +173,7 @@ fn cold_start() {
 
 fn insert_rows(db: &Path, n: i64) {
     let conn = newapi_exporter::demo::gateway::gateway_connection(db).unwrap();
-    let now = newapi_exporter::poller::unix_now();
+    let now = newapi_exporter::clock::unix_now();
     conn.execute_batch(&format!(
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n})
          INSERT INTO logs (user_id, created_at, type, content, username, model_name, quota, prompt_tokens,
@@ -227,10 +228,10 @@ fn many_series_db() -> PathBuf {
     }
     let gw = newapi_exporter::demo::gateway::Gateway::create(
         &path,
-        newapi_exporter::demo::gateway::Flavor::NewApi,
+        newapi_exporter::schema::Flavor::NewApi,
     )
     .unwrap();
-    let now = newapi_exporter::poller::unix_now();
+    let now = newapi_exporter::clock::unix_now();
     // 110 models x 5 channels = 550 label sets; ~9 series each across the usage metrics.
     gw.conn
         .execute_batch(&format!(

@@ -1,10 +1,17 @@
-//! Command-line interface. `serve` is the default: its flags also work without a subcommand.
+//! Command-line interface: the clap types, and their conversion into the settings of the layers
+//! below (databases, collectors, report format) in one place. `serve` is the default: its flags
+//! also work without a subcommand.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::{Result, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::collect::{DEFAULT_CHUNK_ROWS, LabelSettings, Settings};
+use crate::db::dsn::DbConfig;
+use crate::reconcile::format::ReportFormat;
 
 /// The listen port: 9100-9999 is fully allocated to other exporters, and 10160 is used by none of
 /// the well-known ones.
@@ -73,14 +80,24 @@ pub struct ReconcileArgs {
     pub range: RangeArgs,
     /// Output format.
     #[arg(long = "format", default_value = "table", value_name = "FORMAT")]
-    pub format: ReportFormat,
+    pub format: FormatArg,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReportFormat {
+pub enum FormatArg {
     Table,
     Json,
     Csv,
+}
+
+impl From<FormatArg> for ReportFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Table => ReportFormat::Table,
+            FormatArg::Json => ReportFormat::Json,
+            FormatArg::Csv => ReportFormat::Csv,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -128,8 +145,8 @@ pub struct SeriesArgs {
 }
 
 impl SeriesArgs {
-    pub fn settings(&self) -> crate::collect::LabelSettings {
-        crate::collect::LabelSettings {
+    pub fn settings(&self) -> LabelSettings {
+        LabelSettings {
             user: self.user,
             exclude: self.exclude.iter().cloned().collect(),
             max_series: self.max_per_metric.map(|n| n as usize),
@@ -218,9 +235,46 @@ pub struct DbArgs {
 
     /// Most log rows one read statement covers (a primary-key range). Smaller chunks make the
     /// gateway's writers wait less; larger ones make the cold start cheaper.
-    #[arg(long = "db.chunk-rows", default_value_t = crate::collect::DEFAULT_CHUNK_ROWS, value_name = "N",
+    #[arg(long = "db.chunk-rows", default_value_t = DEFAULT_CHUNK_ROWS, value_name = "N",
           value_parser = clap::value_parser!(i64).range(1..))]
     pub chunk_rows: i64,
+}
+
+impl DbArgs {
+    /// The databases named by the gateway's settings: the main one, and the logs one when
+    /// `LOG_SQL_DSN` is set. A malformed DSN is an error here, at start-up.
+    pub fn configs(&self) -> Result<(DbConfig, Option<DbConfig>)> {
+        let main = DbConfig::from_dsn(self.sql_dsn.as_deref(), &self.sqlite_path)?;
+        let logs = match self.log_sql_dsn.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(dsn) => Some(
+                DbConfig::from_dsn(Some(dsn), &self.sqlite_path)
+                    .map_err(|e| anyhow!("{}", e.to_string().replace("SQL_DSN", "LOG_SQL_DSN")))?,
+            ),
+        };
+        Ok((main, logs))
+    }
+
+    /// The SQLite file at `path`, as the demo gateway writes it.
+    pub fn sqlite(path: PathBuf) -> Self {
+        DbArgs {
+            sqlite_path: path,
+            sql_dsn: None,
+            log_sql_dsn: None,
+            chunk_rows: DEFAULT_CHUNK_ROWS,
+        }
+    }
+}
+
+/// The collectors' settings for `serve` and `demo`: the sliding reconciliation window.
+pub fn poll_settings(db: &DbArgs, window: &WindowArgs, series: &SeriesArgs) -> Settings {
+    Settings {
+        chunk_rows: db.chunk_rows,
+        window_secs: window.window.as_secs() as i64,
+        settle_margin_secs: window.settle.margin.as_secs() as i64,
+        fixed_range: None,
+        labels: series.settings(),
+    }
 }
 
 #[derive(Args, Debug, Clone)]

@@ -1,30 +1,31 @@
 //! newapi-exporter: Prometheus metrics for the new-api / one-api LLM gateway, read from the
 //! gateway's own database.
 //!
-//! A walk through the house:
-//! - [`metrics`]: every metric's names, help and unit, defined once;
-//! - [`db`]: one file per database engine behind the [`db::Database`] trait;
+//! Data flows one way, and a module imports only from the layers before it in this list
+//! (`tests/architecture.rs` enforces it):
+//! - [`clock`]: hours and unix time, a leaf;
+//! - [`metrics`]: every metric's names, help and unit, defined once, and the family builder;
+//! - [`reconcile`]: the pure comparison of logs with quota_data (no I/O);
+//! - [`db`]: one file per database engine behind the [`db::Database`] trait, and the one write;
 //! - [`schema`]: which gateway wrote the database and which columns exist;
-//! - [`collect`]: one collector per table, each reading incrementally into its own state;
-//! - [`poller`]: the poll loop that runs the collectors and publishes a snapshot;
-//! - [`reconcile`]: logs against quota_data, for the gauges, the report and backfill;
-//! - [`backfill`]: the only code that writes the gateway's database;
-//! - [`web`]: the HTTP routes serving that snapshot;
-//! - [`demo`]: a simulated gateway for the demo and the tests;
-//! - [`cli`] and [`serve`]: the command line and the server wiring.
+//! - [`collect`]: one collector per table, and the one registration list;
+//! - [`poll`]: the poll loop, each collector timed and counted, the exporter's own health;
+//! - [`snapshot`]: the immutable result of a poll, which every output reads;
+//! - [`web`] and [`export`]: the HTTP endpoint and the OTLP push;
+//! - [`demo`]: a simulated gateway for the demo, the benchmarks and the tests;
+//! - [`cli`]: the command line and its conversion into the settings above;
+//! - [`commands`]: serve, check, reconcile, backfill: the only modules that see every layer.
 
-pub mod backfill;
 pub mod cli;
+pub mod clock;
 pub mod collect;
+pub mod commands;
 pub mod db;
 pub mod demo;
 pub mod export;
-pub mod generate;
 pub mod metrics;
-pub mod poller;
+pub mod poll;
 pub mod reconcile;
-pub mod report;
 pub mod schema;
-pub mod serve;
+pub mod snapshot;
 pub mod web;
-pub mod web_config;

@@ -10,6 +10,14 @@ use anyhow::{Result, bail};
 
 use crate::db::{Dialect, Sources};
 
+/// `logs.type` of a billed request (consume).
+pub const LOG_TYPE_CONSUME: i64 = 2;
+/// `logs.type` of a failed channel attempt on new-api (with `ERROR_LOG_ENABLED`); "test" on
+/// one-api.
+pub const LOG_TYPE_ERROR: i64 = 5;
+/// `logs.type` of a refund on new-api; unused on one-api.
+pub const LOG_TYPE_REFUND: i64 = 6;
+
 /// Which gateway wrote the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {

@@ -1,14 +1,13 @@
 //! Series bounds: the opt-in user label, excluded labels and the per-metric series limit.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
+use newapi_exporter::clock::unix_now;
 use newapi_exporter::collect::{LabelSettings, Settings};
-use newapi_exporter::demo::gateway::{Flavor, Gateway, LogRow};
-use newapi_exporter::poller::unix_now;
+use newapi_exporter::demo::gateway::{Gateway, LogRow};
+use newapi_exporter::schema::Flavor;
 use rusqlite::Connection;
 
 /// Twelve models, three channels, two groups, four users, recent enough for the window.

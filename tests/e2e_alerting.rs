@@ -2,8 +2,6 @@
 //! never reaches quota_data), the exporter on it, Prometheus scraping it with the shipped rules,
 //! and Alertmanager with the shipped routing, paging a webhook served by this test.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
@@ -11,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value as Json;
 
 /// A server process killed when the test ends.

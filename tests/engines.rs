@@ -1,19 +1,18 @@
 //! The same gateway data on SQLite, MariaDB/MySQL and PostgreSQL gives the same metrics, the same
 //! reconcile report and the same backfill; out-of-order commits and outages on the servers.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::engines::{SERVERS, Server, TestDb, admin_dsn};
-use common::proxy::Proxy;
-use common::*;
+use crate::common::engines::{SERVERS, Server, TestDb, admin_dsn};
+use crate::common::proxy::Proxy;
+use crate::common::*;
+use newapi_exporter::clock::unix_now;
 use newapi_exporter::demo::Traffic;
-use newapi_exporter::demo::gateway::{Flavor, Gateway, LogRow};
-use newapi_exporter::poller::unix_now;
+use newapi_exporter::demo::gateway::{Gateway, LogRow};
+use newapi_exporter::schema::Flavor;
 use serde_json::Value as Json;
 
 const TABLES: [&str; 4] = ["logs", "quota_data", "channels", "options"];

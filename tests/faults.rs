@@ -1,13 +1,11 @@
 //! Faults an operator meets: shutdown signals, a database file replaced under the exporter,
 //! and the gateway's log retention deleting old rows.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use newapi_exporter::demo;
 use rusqlite::Connection;
 
@@ -36,7 +34,7 @@ fn sigterm_stops_within_a_second_even_during_a_cold_start() {
     let db = dir.path().join("one-api.db");
     let gw = newapi_exporter::demo::gateway::Gateway::create(
         &db,
-        newapi_exporter::demo::gateway::Flavor::NewApi,
+        newapi_exporter::schema::Flavor::NewApi,
     )
     .unwrap();
     gw.conn
@@ -150,4 +148,48 @@ fn deleting_old_logs_never_lowers_the_counters() {
         "old rows stay counted; new ones are added"
     );
     assert!(after > consume_count(&db));
+}
+
+/// Each collector's run is counted apart: a table that disappears under the exporter fails its
+/// own collector (success 0) while the others keep succeeding, and `newapi_up` says the poll
+/// failed.
+#[test]
+fn a_failing_collector_is_named_by_its_success_gauge() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    demo::create(&db, Duration::from_secs(3 * 3600), 1).unwrap();
+    let mut exp = InProcess::new(&db);
+    let samples = exp.poll();
+    let by_collector = |s: &[Sample], name: &str| -> Vec<(String, f64)> {
+        series(s, name)
+            .into_iter()
+            .map(|(l, v)| (l["collector"].clone(), v))
+            .collect()
+    };
+    let success = |s: &[Sample]| by_collector(s, "newapi_exporter_collector_success");
+    let expected: Vec<(String, f64)> = ["channels", "logs", "options", "quota_data", "reconcile"]
+        .iter()
+        .map(|c| (c.to_string(), 1.0))
+        .collect();
+    assert_eq!(success(&samples), expected);
+    let durations = by_collector(&samples, "newapi_exporter_collector_duration_seconds");
+    assert_eq!(durations.len(), 5);
+    assert!(
+        durations
+            .iter()
+            .all(|(_, secs)| *secs >= 0.0 && *secs < 30.0)
+    );
+
+    Connection::open(&db)
+        .unwrap()
+        .execute_batch("DROP TABLE channels")
+        .unwrap();
+    let samples = exp.poll();
+    let failed: Vec<String> = success(&samples)
+        .into_iter()
+        .filter(|(_, v)| *v == 0.0)
+        .map(|(c, _)| c)
+        .collect();
+    assert_eq!(failed, ["channels"]);
+    assert_eq!(series(&samples, "newapi_up")[&labels(&[])], 0.0);
 }

@@ -3,14 +3,13 @@
 //! The writer uses the gateway's settings (rollback journal, 30 s busy timeout). Any error from
 //! it, `database is locked` above all, fails the test; its worst insert latency is printed.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
-use newapi_exporter::demo::gateway::{Flavor, Gateway, gateway_connection};
+use crate::common::*;
+use newapi_exporter::demo::gateway::{Gateway, gateway_connection};
+use newapi_exporter::schema::Flavor;
 
 const ROWS: i64 = 1_000_000;
 

@@ -1,7 +1,5 @@
 //! `newapi-exporter generate`: the benchmark databases look like a gateway's.
 
-mod common;
-
 use std::process::Command;
 
 use rusqlite::Connection;

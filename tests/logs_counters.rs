@@ -1,13 +1,12 @@
 //! Every usage counter against an SQL oracle run by the test over the same file.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use newapi_exporter::demo::Traffic;
-use newapi_exporter::demo::gateway::{Flavor, Gateway};
+use newapi_exporter::demo::gateway::Gateway;
+use newapi_exporter::schema::Flavor;
 use rusqlite::{Connection, params};
 
 type Expected = BTreeMap<String, BTreeMap<Labels, f64>>;

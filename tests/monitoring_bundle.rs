@@ -1,12 +1,10 @@
 //! The shipped monitoring bundle: alert rules and their unit tests, Alertmanager and Prometheus
 //! configs, the compose file and the Grafana dashboards.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{dashboards, require_tool};
+use crate::common::{dashboards, require_tool};
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)

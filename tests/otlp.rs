@@ -1,18 +1,17 @@
 //! OTLP export to in-process receivers (HTTP/protobuf and gRPC), decoded with the
 //! OpenTelemetry protocol definitions and checked against SQL over the same database.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
+use newapi_exporter::clock::unix_now;
 use newapi_exporter::demo::Traffic;
-use newapi_exporter::demo::gateway::{Flavor, Gateway};
-use newapi_exporter::poller::unix_now;
+use newapi_exporter::demo::gateway::Gateway;
+use newapi_exporter::schema::Flavor;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };

@@ -1,12 +1,10 @@
 //! The exporter as operators run it: the binary, over HTTP.
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use newapi_exporter::demo;
 use rusqlite::Connection;
 

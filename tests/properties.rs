@@ -1,14 +1,13 @@
 //! Property tests: label values of any content survive the exposition format, and any DSN
 //! string parses without panicking and never shows its password.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
-use newapi_exporter::collect::Family;
+use crate::common::*;
 use newapi_exporter::db::dsn::{DbConfig, MysqlNet};
-use newapi_exporter::demo::gateway::{Flavor, Gateway, LogRow};
+use newapi_exporter::demo::gateway::{Gateway, LogRow};
+use newapi_exporter::metrics::Family;
+use newapi_exporter::schema::Flavor;
 use proptest::prelude::*;
 
 fn render(values: &[String]) -> String {

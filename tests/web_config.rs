@@ -1,14 +1,12 @@
 //! `--web.config.file`: real TLS and basic authentication, right and wrong passwords, and
 //! configuration mistakes named clearly.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::common::*;
 use base64::Engine as _;
-use common::*;
 
 struct Tls {
     cert_pem: String,

@@ -10,8 +10,9 @@ use std::collections::HashMap;
 use anyhow::Result;
 use prometheus::proto::MetricFamily;
 
-use super::{Collector, Context, Family};
+use super::{Collector, Context};
 use crate::db::{Sources, Value};
+use crate::metrics::{self as m, Family};
 
 pub const CHANNEL_LABELS: [&str; 3] = ["channel_id", "channel_name", "channel_type"];
 
@@ -144,9 +145,9 @@ impl Collector for ChannelsCollector {
     }
 
     fn render(&self, _ctx: &Context, out: &mut Vec<MetricFamily>) {
-        let mut status = Family::of(&crate::metrics::CHANNEL_STATUS);
-        let mut balance = Family::of(&crate::metrics::CHANNEL_BALANCE_USD);
-        let mut response = Family::of(&crate::metrics::CHANNEL_RESPONSE_TIME_SECONDS);
+        let mut status = Family::of(&m::CHANNEL_STATUS);
+        let mut balance = Family::of(&m::CHANNEL_BALANCE_USD);
+        let mut response = Family::of(&m::CHANNEL_RESPONSE_TIME_SECONDS);
         for c in &self.channels {
             let l = [
                 (CHANNEL_LABELS[0], c.id.as_str()),

@@ -6,18 +6,16 @@
 //! The cold start walks the whole table this way; later polls read only `id > cursor`.
 //! Counters are the table's totals, so a restarted exporter reports the same values.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::Result;
 use prometheus::proto::MetricFamily;
 
-use super::{Collector, Context, Family};
-use crate::db::{Sources, Value};
-use crate::schema::Schema;
-
-pub const TYPE_CONSUME: i64 = 2;
-pub const TYPE_ERROR: i64 = 5;
-pub const TYPE_REFUND: i64 = 6;
+use super::{Admission, Collector, Context, LabelSettings, OTHER};
+use crate::db::{Database, Dialect, Engine, Sources, Value};
+use crate::metrics::{self as m, Family};
+use crate::reconcile::TimeSpan;
+use crate::schema::{LOG_TYPE_CONSUME, LOG_TYPE_ERROR, LOG_TYPE_REFUND, Schema};
 
 /// Labels of every usage series, in order.
 pub const USAGE_LABELS: [&str; 4] = ["model", "channel_id", "channel_name", "group"];
@@ -59,8 +57,11 @@ const GAP_BATCH: usize = 500;
 
 pub struct LogsCollector {
     /// The aggregate statement up to its WHERE condition, built for this schema. Parameters:
-    /// the hour range twice, then the condition's.
+    /// the hour range twice, `select_params`, then the condition's.
     select_sql: String,
+    /// Parameters of the select list after the hour range: the consume type, when the
+    /// unmirrored flag tests it.
+    select_params: Vec<Value>,
     /// Groups by the labels, the hour, the user and the unmirrored flag.
     group_sql: &'static str,
     /// The same plus the id: one group per row.
@@ -77,10 +78,10 @@ pub struct LogsCollector {
     /// Whether rows keep their hour and user for the reconciliation: not on one-api, which has
     /// no quota_data to compare with.
     keeps_hours: bool,
-    labels: super::LabelSettings,
-    admission: super::Admission,
+    labels: LabelSettings,
+    admission: Admission,
     /// Ids not seen below the cursor, with the time they were first missed.
-    gaps: std::collections::BTreeMap<i64, i64>,
+    gaps: BTreeMap<i64, i64>,
 }
 
 /// Columns of the aggregate statement, in order.
@@ -106,11 +107,7 @@ const C_ID: usize = 16;
 const C_USERNAME: usize = 17;
 
 impl LogsCollector {
-    pub fn new(
-        schema: &Schema,
-        dialect: crate::db::Dialect,
-        labels: &super::LabelSettings,
-    ) -> Self {
+    pub fn new(schema: &Schema, dialect: Dialect, labels: &LabelSettings) -> Self {
         let cols = &schema.logs;
         let d = dialect;
         let ty = d.ident("type");
@@ -123,9 +120,10 @@ impl LogsCollector {
         let in_range = format!("{created} >= ? AND {created} < ?");
         // Async task settlement rows (no tokens, no request id, `pre_consumed_quota` in other)
         // never reach quota_data by design.
-        let unmirrored = if cols.has("other") && cols.has("request_id") {
+        let has_unmirrored = cols.has("other") && cols.has("request_id");
+        let unmirrored = if has_unmirrored {
             format!(
-                "CASE WHEN {ty} = 2 AND {prompt} = 0 AND {completion} = 0 AND COALESCE({rid}, '') = '' \
+                "CASE WHEN {ty} = ? AND {prompt} = 0 AND {completion} = 0 AND COALESCE({rid}, '') = '' \
                  AND {other} LIKE '%pre_consumed_quota%' THEN 1 ELSE 0 END",
                 rid = d.ident("request_id"),
                 other = d.ident("other"),
@@ -164,6 +162,11 @@ impl LogsCollector {
         };
         LogsCollector {
             select_sql,
+            select_params: if has_unmirrored {
+                vec![Value::Int(LOG_TYPE_CONSUME)]
+            } else {
+                Vec::new()
+            },
             group_sql: group,
             group_by_row_sql: format!("{group}, {id}"),
             id,
@@ -176,11 +179,11 @@ impl LogsCollector {
             has_use_time: cols.has("use_time"),
             cursor: 0,
             usage: HashMap::new(),
-            track_gaps: dialect.0 != crate::db::Engine::Sqlite,
+            track_gaps: dialect.0 != Engine::Sqlite,
             keeps_hours: schema.quota_data.is_some(),
             labels: labels.clone(),
-            admission: super::Admission::new(labels.max_series),
-            gaps: std::collections::BTreeMap::new(),
+            admission: Admission::new(labels.max_series),
+            gaps: BTreeMap::new(),
         }
     }
 
@@ -218,7 +221,7 @@ impl LogsCollector {
             key
         } else {
             UsageKey {
-                model: super::OTHER.to_string(),
+                model: OTHER.to_string(),
                 channel_id: String::new(),
                 group: String::new(),
                 user: String::new(),
@@ -229,7 +232,7 @@ impl LogsCollector {
     /// Reads and applies the rows matching `condition`; with `by_row`, returns their ids.
     fn read(
         &mut self,
-        db: &mut dyn crate::db::Database,
+        db: &mut dyn Database,
         ctx: &mut Context,
         condition: &str,
         params: &[Value],
@@ -247,6 +250,7 @@ impl LogsCollector {
             Value::Int(from),
             Value::Int(until),
         ];
+        all.extend_from_slice(&self.select_params);
         all.extend_from_slice(params);
         let group = if by_row {
             self.group_by_row_sql.as_str()
@@ -268,7 +272,7 @@ impl LogsCollector {
     }
 
     /// Looks again for ids that were missing below the cursor; counts those that appeared.
-    fn recheck_gaps(&mut self, db: &mut dyn crate::db::Database, ctx: &mut Context) -> Result<()> {
+    fn recheck_gaps(&mut self, db: &mut dyn Database, ctx: &mut Context) -> Result<()> {
         self.gaps.retain(|_, seen| ctx.now - *seen < GAP_GRACE_SECS);
         while self.gaps.len() > GAP_MAX {
             self.gaps.pop_first();
@@ -293,23 +297,25 @@ impl LogsCollector {
         let label = |i: usize| row.get(i).map(Value::to_label).unwrap_or_default();
         let rows = uint(C_ROWS);
         let ty = int(C_TYPE);
-        let counted = ty == TYPE_CONSUME
-            || (self.errors_and_refunds && (ty == TYPE_ERROR || ty == TYPE_REFUND));
+        let counted = ty == LOG_TYPE_CONSUME
+            || (self.errors_and_refunds && (ty == LOG_TYPE_ERROR || ty == LOG_TYPE_REFUND));
         if !counted {
             return rows;
         }
         let model = label(C_MODEL);
-        if ty == TYPE_CONSUME {
+        if ty == LOG_TYPE_CONSUME {
             let (first, latest) = (int(C_FIRST), int(C_LATEST));
             let rec = &mut ctx.recording;
             let unmirrored = int(C_UNMIRRORED) != 0;
             if !unmirrored {
-                let t = rec
-                    .logs_model_times
+                let span = TimeSpan {
+                    first,
+                    last: latest,
+                };
+                rec.logs_model_times
                     .entry(model.clone())
-                    .or_insert((first, latest));
-                t.0 = t.0.min(first);
-                t.1 = t.1.max(latest);
+                    .or_insert(span)
+                    .widen(span);
             }
             if let Some(hour) = row.get(C_HOUR).and_then(Value::as_i64) {
                 let h = rec.logs_hour(int(C_USER), &model, hour);
@@ -326,7 +332,7 @@ impl LogsCollector {
         let key = self.series_key(model, label(C_CHANNEL), label(C_GROUP), label(C_USERNAME));
         let u = self.usage.entry(key).or_default();
         match ty {
-            TYPE_CONSUME => {
+            LOG_TYPE_CONSUME => {
                 u.requests = u.requests.saturating_add(rows);
                 u.quota = u.quota.saturating_add(uint(C_QUOTA_POS));
                 u.corrections = u.corrections.saturating_add(uint(C_QUOTA_NEG));
@@ -334,7 +340,7 @@ impl LogsCollector {
                 u.completion_tokens = u.completion_tokens.saturating_add(uint(C_COMPLETION));
                 u.use_time_seconds = u.use_time_seconds.saturating_add(uint(C_USE_TIME));
             }
-            TYPE_ERROR => u.errors = u.errors.saturating_add(rows),
+            LOG_TYPE_ERROR => u.errors = u.errors.saturating_add(rows),
             _ => {
                 u.refunds = u.refunds.saturating_add(rows);
                 u.refund_quota = u.refund_quota.saturating_add(uint(C_QUOTA_POS));
@@ -392,7 +398,7 @@ impl Collector for LogsCollector {
             let ids = self.read(db, ctx, &range, &[Value::Int(lo), Value::Int(hi)], by_row)?;
             if by_row {
                 // Every id of (cursor, hi] not seen now may still commit.
-                let seen: std::collections::HashSet<i64> = ids.into_iter().collect();
+                let seen: HashSet<i64> = ids.into_iter().collect();
                 for id in self.cursor.max(by_row_from) + 1..=hi {
                     if !seen.contains(&id) && self.gaps.len() < GAP_MAX {
                         self.gaps.insert(id, ctx.now);
@@ -419,14 +425,14 @@ impl Collector for LogsCollector {
     }
 
     fn render(&self, ctx: &Context, out: &mut Vec<MetricFamily>) {
-        let mut requests = Family::of(&crate::metrics::REQUESTS_TOTAL);
-        let mut quota = Family::of(&crate::metrics::QUOTA_TOTAL);
-        let mut corrections = Family::of(&crate::metrics::QUOTA_CORRECTIONS_TOTAL);
-        let mut tokens = Family::of(&crate::metrics::TOKENS_TOTAL);
-        let mut use_time = Family::of(&crate::metrics::USE_TIME_SECONDS_TOTAL);
-        let mut refunds = Family::of(&crate::metrics::REFUNDS_TOTAL);
-        let mut refund_quota = Family::of(&crate::metrics::REFUND_QUOTA_TOTAL);
-        let mut errors = Family::of(&crate::metrics::ERRORS_TOTAL);
+        let mut requests = Family::of(&m::REQUESTS_TOTAL);
+        let mut quota = Family::of(&m::QUOTA_TOTAL);
+        let mut corrections = Family::of(&m::QUOTA_CORRECTIONS_TOTAL);
+        let mut tokens = Family::of(&m::TOKENS_TOTAL);
+        let mut use_time = Family::of(&m::USE_TIME_SECONDS_TOTAL);
+        let mut refunds = Family::of(&m::REFUNDS_TOTAL);
+        let mut refund_quota = Family::of(&m::REFUND_QUOTA_TOTAL);
+        let mut errors = Family::of(&m::ERRORS_TOTAL);
         let mut keys: Vec<_> = self.usage.keys().collect();
         keys.sort();
         for key in keys {

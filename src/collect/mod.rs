@@ -9,17 +9,57 @@ pub mod channels;
 pub mod logs;
 pub mod options;
 pub mod quota_data;
+pub mod recording_health;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
-use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::proto::MetricFamily;
 
+use crate::clock::{HOUR, hour_of};
 use crate::db::Sources;
-use crate::reconcile::{HOUR, Recording, Report, hour_of};
+use crate::reconcile::{Recording, Report};
 use crate::schema::Schema;
+use channels::ChannelsCollector;
+use logs::LogsCollector;
+use options::OptionsCollector;
+use quota_data::QuotaDataCollector;
+use recording_health::RecordingHealthCollector;
+
+/// THE registration list: the collectors for a database of this schema, in the order they run
+/// (each may read what an earlier one left in the [`Context`]: options before anything that
+/// needs `DataExportInterval`, channels before the names they label, logs and quota_data before
+/// the reconciliation of the two).
+pub fn for_schema(
+    src: &mut Sources,
+    schema: &Schema,
+    settings: &Settings,
+) -> Vec<Box<dyn Collector>> {
+    let has_quota_data = schema.quota_data.is_some();
+    let mut collectors: Vec<Box<dyn Collector>> = vec![
+        Box::new(OptionsCollector::default()),
+        Box::new(ChannelsCollector::default()),
+    ];
+    if has_quota_data {
+        collectors.push(Box::new(QuotaDataCollector::new(
+            src.main().dialect(),
+            settings.labels.max_series,
+        )));
+    }
+    collectors.push(Box::new(LogsCollector::new(
+        schema,
+        src.logs().dialect(),
+        &settings.labels,
+    )));
+    if has_quota_data {
+        collectors.push(Box::new(RecordingHealthCollector::new(
+            settings.labels.max_series,
+        )));
+    }
+    collectors
+}
 
 /// Label choices that bound the number of series.
 #[derive(Debug, Clone, Default)]
@@ -27,7 +67,7 @@ pub struct LabelSettings {
     /// Add a `user` label (the username) to the usage counters.
     pub user: bool,
     /// Usage labels left out (their series are summed together).
-    pub exclude: std::collections::BTreeSet<String>,
+    pub exclude: BTreeSet<String>,
     /// Most label sets per metric; later ones are folded into `model="__other__"`.
     pub max_series: Option<usize>,
 }
@@ -41,8 +81,8 @@ pub const OTHER: &str = "__other__";
 #[derive(Debug, Default)]
 pub struct Admission {
     max: Option<usize>,
-    kept: std::collections::HashSet<String>,
-    folded: std::collections::HashSet<String>,
+    kept: HashSet<String>,
+    folded: HashSet<String>,
 }
 
 impl Admission {
@@ -145,7 +185,7 @@ pub struct Context {
     /// Per-hour aggregates of logs and quota_data, kept by their collectors.
     pub recording: Recording,
     /// The last reconciliation, for the landing page.
-    pub report: Option<std::sync::Arc<Report>>,
+    pub report: Option<Arc<Report>>,
     /// Unix time of the current poll.
     pub now: i64,
     stop: Arc<AtomicBool>,
@@ -221,6 +261,44 @@ impl Context {
 }
 
 /// One group of metrics backed by one table.
+///
+/// A collector reads in [`Collector::poll`] (on the poll thread, the only place that touches
+/// the database) and renders from its own state in [`Collector::render`]. For example, one
+/// gauge from a count:
+///
+/// ```
+/// use anyhow::Result;
+/// use newapi_exporter::collect::{Collector, Context};
+/// use newapi_exporter::db::Sources;
+/// use newapi_exporter::metrics::{Family, UP};
+/// use prometheus::proto::MetricFamily;
+///
+/// #[derive(Default)]
+/// struct TokensCollector {
+///     tokens: Option<i64>,
+/// }
+///
+/// impl Collector for TokensCollector {
+///     fn name(&self) -> &'static str {
+///         "tokens"
+///     }
+///
+///     fn poll(&mut self, src: &mut Sources, _ctx: &mut Context) -> Result<()> {
+///         let rows = src.main().query("SELECT COUNT(*) FROM tokens", &[])?;
+///         self.tokens = rows.first().and_then(|r| r.first()).and_then(|v| v.as_i64());
+///         Ok(())
+///     }
+///
+///     fn render(&self, _ctx: &Context, out: &mut Vec<MetricFamily>) {
+///         // A real collector renders its own definition from `metrics`.
+///         let mut f = Family::of(&UP);
+///         if let Some(n) = self.tokens {
+///             f.sample(&[], n as f64);
+///         }
+///         f.finish(out);
+///     }
+/// }
+/// ```
 pub trait Collector: Send {
     /// Short name for logs.
     fn name(&self) -> &'static str;
@@ -230,57 +308,4 @@ pub trait Collector: Send {
 
     /// Appends this collector's metric families, rendered from its state.
     fn render(&self, ctx: &Context, out: &mut Vec<MetricFamily>);
-}
-
-/// Builds one metric family; families without samples are left out (the text format has no
-/// empty families).
-pub struct Family(MetricFamily);
-
-impl Family {
-    /// An empty family for a counter or gauge definition.
-    pub fn of(def: &crate::metrics::MetricDef) -> Self {
-        let t = match def.kind {
-            crate::metrics::Kind::Counter => MetricType::COUNTER,
-            _ => MetricType::GAUGE,
-        };
-        Self::with_type(def.name, def.help, t)
-    }
-
-    fn with_type(name: &str, help: &str, t: MetricType) -> Self {
-        let mut mf = MetricFamily::default();
-        mf.set_name(name.to_string());
-        mf.set_help(help.to_string());
-        mf.set_field_type(t);
-        Family(mf)
-    }
-
-    pub fn sample(&mut self, labels: &[(&str, &str)], value: f64) -> &mut Self {
-        let pairs = labels
-            .iter()
-            .map(|(k, v)| {
-                let mut p = LabelPair::default();
-                p.set_name(k.to_string());
-                p.set_value(v.to_string());
-                p
-            })
-            .collect();
-        let mut m = Metric::from_label(pairs);
-        if self.0.get_field_type() == MetricType::COUNTER {
-            let mut c = Counter::default();
-            c.set_value(value);
-            m.set_counter(c);
-        } else {
-            let mut g = Gauge::default();
-            g.set_value(value);
-            m.set_gauge(g);
-        }
-        self.0.mut_metric().push(m);
-        self
-    }
-
-    pub fn finish(self, out: &mut Vec<MetricFamily>) {
-        if !self.0.get_metric().is_empty() {
-            out.push(self.0);
-        }
-    }
 }

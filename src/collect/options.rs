@@ -4,8 +4,9 @@
 use anyhow::Result;
 use prometheus::proto::MetricFamily;
 
-use super::{Collector, Context, Family, GatewayOptions};
-use crate::db::Sources;
+use super::{Collector, Context, GatewayOptions};
+use crate::db::{Sources, Value};
+use crate::metrics::{self as m, Family};
 
 const KEYS: [&str; 4] = [
     "QuotaPerUnit",
@@ -79,10 +80,7 @@ impl Collector for OptionsCollector {
                 k = d.ident("key"),
                 v = d.ident("value"),
             );
-            let params: Vec<_> = KEYS
-                .iter()
-                .map(|k| crate::db::Value::Text(k.to_string()))
-                .collect();
+            let params: Vec<_> = KEYS.iter().map(|k| Value::Text(k.to_string())).collect();
             let rows = db.query(&sql, &params)?;
             ctx.count_rows("options", rows.len() as u64);
             for r in rows {
@@ -96,13 +94,13 @@ impl Collector for OptionsCollector {
     }
 
     fn render(&self, ctx: &Context, out: &mut Vec<MetricFamily>) {
-        let mut f = Family::of(&crate::metrics::QUOTA_PER_UNIT);
+        let mut f = Family::of(&m::QUOTA_PER_UNIT);
         f.sample(&[], ctx.options.quota_per_unit);
         f.finish(out);
         if ctx.schema.quota_data.is_none() {
             return; // one-api: no dashboard export to describe
         }
-        let mut f = Family::of(&crate::metrics::QUOTA_DATA_EXPORT_ENABLED);
+        let mut f = Family::of(&m::QUOTA_DATA_EXPORT_ENABLED);
         f.sample(
             &[],
             if ctx.options.data_export_enabled {
@@ -112,7 +110,7 @@ impl Collector for OptionsCollector {
             },
         );
         f.finish(out);
-        let mut f = Family::of(&crate::metrics::QUOTA_DATA_EXPORT_INTERVAL_SECONDS);
+        let mut f = Family::of(&m::QUOTA_DATA_EXPORT_INTERVAL_SECONDS);
         f.sample(&[], ctx.options.data_export_interval_seconds as f64);
         f.finish(out);
     }

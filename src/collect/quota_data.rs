@@ -14,9 +14,11 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::Result;
 use prometheus::proto::MetricFamily;
 
-use super::{Collector, Context, Family};
-use crate::db::{Sources, Value};
-use crate::reconcile::{HOUR, HourKey, QdHour, hour_of};
+use super::{Admission, Collector, Context, OTHER};
+use crate::clock::{HOUR, hour_of};
+use crate::db::{Database, Dialect, Sources, Value};
+use crate::metrics::{self as m, Family};
+use crate::reconcile::{HourKey, QdHour};
 
 /// Hours re-read by one statement.
 const LIVE_CHUNK_HOURS: i64 = 6;
@@ -72,7 +74,7 @@ pub struct QuotaDataCollector {
     live: BTreeMap<RowKey, LiveRow>,
     /// What the counters last showed: they never go down, even if a row does.
     emitted: BTreeMap<String, Totals>,
-    admission: super::Admission,
+    admission: Admission,
     /// When the whole window was last re-read.
     last_full_read: i64,
     /// The first hour re-read by the last poll, and what the bounds statement returned for it.
@@ -80,7 +82,7 @@ pub struct QuotaDataCollector {
 }
 
 impl QuotaDataCollector {
-    pub fn new(dialect: crate::db::Dialect, max_series: Option<usize>) -> Self {
+    pub fn new(dialect: Dialect, max_series: Option<usize>) -> Self {
         let d = dialect;
         let (id, created) = (d.ident("id"), d.ident("created_at"));
         let model = d.text_key(&d.ident("model_name"));
@@ -117,19 +119,14 @@ impl QuotaDataCollector {
             frozen_newest_hour: HashMap::new(),
             live: BTreeMap::new(),
             emitted: BTreeMap::new(),
-            admission: super::Admission::new(max_series),
+            admission: Admission::new(max_series),
             last_full_read: i64::MIN,
             live_fingerprint: None,
         }
     }
 
     /// Reads rows of frozen hours with ids in `(self.cursor, top]`, in chunks.
-    fn read_frozen(
-        &mut self,
-        db: &mut dyn crate::db::Database,
-        top: i64,
-        ctx: &mut Context,
-    ) -> Result<()> {
+    fn read_frozen(&mut self, db: &mut dyn Database, top: i64, ctx: &mut Context) -> Result<()> {
         while self.cursor < top && !ctx.stopping() {
             let next = db.query(&self.next_id_sql, &[Value::Int(self.cursor)])?;
             let Some(lo) = next.first().and_then(|r| r.first()).and_then(Value::as_i64) else {
@@ -171,7 +168,7 @@ impl QuotaDataCollector {
     /// `full`, only when their fingerprint changed since the last poll.
     fn read_live(
         &mut self,
-        db: &mut dyn crate::db::Database,
+        db: &mut dyn Database,
         ctx: &mut Context,
         from: i64,
         full: bool,
@@ -298,7 +295,9 @@ impl Collector for QuotaDataCollector {
                 .or_insert(*hour);
             *newest = (*newest).max(*hour);
             if *hour < live_until {
-                let q = qd_hourly.entry((*user, model.clone(), *hour)).or_default();
+                let q = qd_hourly
+                    .entry(HourKey::new(*user, model, *hour))
+                    .or_default();
                 q.rows += row.rows;
                 q.extra_rows += row.rows - 1;
                 q.requests += row.totals.requests;
@@ -316,7 +315,7 @@ impl Collector for QuotaDataCollector {
             let key = if self.admission.admit(&model) {
                 model
             } else {
-                super::OTHER.to_string()
+                OTHER.to_string()
             };
             shown.entry(key).or_default().add(&t);
         }
@@ -329,9 +328,9 @@ impl Collector for QuotaDataCollector {
     }
 
     fn render(&self, _ctx: &Context, out: &mut Vec<MetricFamily>) {
-        let mut requests = Family::of(&crate::metrics::QUOTA_DATA_REQUESTS_TOTAL);
-        let mut quota = Family::of(&crate::metrics::QUOTA_DATA_QUOTA_TOTAL);
-        let mut tokens = Family::of(&crate::metrics::QUOTA_DATA_TOKENS_TOTAL);
+        let mut requests = Family::of(&m::QUOTA_DATA_REQUESTS_TOTAL);
+        let mut quota = Family::of(&m::QUOTA_DATA_QUOTA_TOTAL);
+        let mut tokens = Family::of(&m::QUOTA_DATA_TOKENS_TOTAL);
         for (model, t) in &self.emitted {
             let l = [("model", model.as_str())];
             requests.sample(&l, t.requests.max(0) as f64);

@@ -4,12 +4,20 @@
 //! [`Dialect`]); an engine only runs statements and turns rows into [`Value`]s. The trait is
 //! synchronous: polling runs on its own thread, so a slow database never stalls a scrape.
 
+pub mod dialect;
 pub mod dsn;
 pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
+pub mod write;
 
-use anyhow::Result;
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+
+pub use dialect::{Dialect, Engine};
+use dsn::DbConfig;
 
 /// A cell read from the database, decoded without assuming the column's declared type
 /// (SQLite stores whatever the gateway wrote; older schemas differ).
@@ -53,63 +61,6 @@ impl Value {
 }
 
 pub type Row = Vec<Value>;
-
-/// Which engine a connection talks to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    Sqlite,
-    Mysql,
-    Postgres,
-}
-
-/// SQL spelling that differs between engines.
-#[derive(Debug, Clone, Copy)]
-pub struct Dialect(pub Engine);
-
-impl Dialect {
-    /// Quotes an identifier; needed for the gateway's reserved-word columns `group` and `key`.
-    pub fn ident(&self, name: &str) -> String {
-        match self.0 {
-            Engine::Sqlite | Engine::Mysql => format!("`{name}`"),
-            Engine::Postgres => format!("\"{name}\""),
-        }
-    }
-
-    /// `SUM` of an integer expression, typed as a 64-bit integer on every engine (MySQL and
-    /// PostgreSQL widen integer sums to DECIMAL/NUMERIC).
-    pub fn sum_int(&self, expr: &str) -> String {
-        match self.0 {
-            Engine::Sqlite => format!("SUM({expr})"),
-            Engine::Mysql => format!("CAST(SUM({expr}) AS SIGNED)"),
-            Engine::Postgres => format!("CAST(SUM({expr}) AS BIGINT)"),
-        }
-    }
-
-    /// A text column as a grouping key that keeps values apart byte for byte: MySQL's default
-    /// collations fold case and trailing spaces, which would merge distinct model names.
-    pub fn text_key(&self, expr: &str) -> String {
-        match self.0 {
-            Engine::Mysql => format!("CAST({expr} AS BINARY)"),
-            Engine::Sqlite | Engine::Postgres => expr.to_string(),
-        }
-    }
-
-    /// `column = ?` compared byte for byte, as [`Dialect::text_key`] groups.
-    pub fn text_eq(&self, column: &str) -> String {
-        match self.0 {
-            Engine::Mysql => format!("CAST({column} AS BINARY) = CAST(? AS BINARY)"),
-            Engine::Sqlite | Engine::Postgres => format!("{column} = ?"),
-        }
-    }
-
-    /// A real-valued column read as a float (new-api's PostgreSQL tables may store NUMERIC).
-    pub fn float(&self, expr: &str) -> String {
-        match self.0 {
-            Engine::Postgres => format!("CAST({expr} AS DOUBLE PRECISION)"),
-            Engine::Sqlite | Engine::Mysql => expr.to_string(),
-        }
-    }
-}
 
 /// One connection to one gateway database (the main one or the separate logs database).
 pub trait Database: Send {
@@ -185,12 +136,27 @@ macro_rules! bind_values {
 pub(crate) use bind_values;
 
 /// Opens one of the gateway's databases.
-pub fn connect(cfg: &dsn::DbConfig) -> Result<Box<dyn Database>> {
+pub fn connect(cfg: &DbConfig) -> Result<Box<dyn Database>> {
     Ok(match cfg {
-        dsn::DbConfig::Sqlite(path) => Box::new(sqlite::SqliteDb::open(path)?),
-        dsn::DbConfig::Mysql(m) => Box::new(mysql::MysqlDb::connect(m)?),
-        dsn::DbConfig::Postgres(url) => Box::new(postgres::PostgresDb::connect(url)?),
+        DbConfig::Sqlite(path) => Box::new(sqlite::SqliteDb::open(path)?),
+        DbConfig::Mysql(m) => Box::new(mysql::MysqlDb::connect(m)?),
+        DbConfig::Postgres(url) => Box::new(postgres::PostgresDb::connect(url)?),
     })
+}
+
+/// Opens the gateway's main database and, with `LOG_SQL_DSN`, its logs database.
+pub fn open(main: &DbConfig, logs: &Option<DbConfig>) -> Result<Sources> {
+    let m = connect(main)?;
+    let l = logs.as_ref().map(connect).transpose()?;
+    Ok(Sources::new(m, l))
+}
+
+/// Where the exporter reads, passwords masked.
+pub fn describe(main: &DbConfig, logs: &Option<DbConfig>) -> String {
+    match logs {
+        Some(l) => format!("{} (logs: {})", main.describe(), l.describe()),
+        None => main.describe(),
+    }
 }
 
 /// A runtime of its own for an async driver behind the synchronous [`Database`] trait; the
@@ -204,8 +170,8 @@ pub(crate) fn driver_runtime() -> Result<tokio::runtime::Runtime> {
 /// Pool settings shared by MySQL and PostgreSQL: the exporter is a light client of a shared
 /// database, so at most two connections, released when idle.
 pub(crate) const POOL_MAX_CONNECTIONS: u32 = 2;
-pub(crate) const POOL_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-pub(crate) const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+pub(crate) const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest a single statement may run on the server.
 pub(crate) const STATEMENT_TIMEOUT_SECS: u64 = 30;
 
@@ -214,14 +180,13 @@ pub(crate) const STATEMENT_TIMEOUT_SECS: u64 = 30;
 /// without closing the connection (a network partition) fails the poll instead of hanging it.
 pub(crate) async fn with_deadlines<C, T, F, Fut>(
     describe: &str,
-    acquire: impl std::future::Future<Output = Result<C, sqlx::Error>>,
+    acquire: impl Future<Output = Result<C, sqlx::Error>>,
     call: F,
 ) -> Result<T>
 where
     F: FnOnce(C) -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
+    Fut: Future<Output = Result<T>>,
 {
-    use anyhow::Context as _;
     let conn = tokio::time::timeout(POOL_ACQUIRE_TIMEOUT, acquire)
         .await
         .map_err(|_| {
@@ -231,7 +196,7 @@ where
             )
         })?
         .with_context(|| format!("cannot connect to {describe}"))?;
-    let limit = std::time::Duration::from_secs(STATEMENT_TIMEOUT_SECS + 5);
+    let limit = Duration::from_secs(STATEMENT_TIMEOUT_SECS + 5);
     tokio::time::timeout(limit, call(conn))
         .await
         .map_err(|_| anyhow::anyhow!("{describe} did not answer within {}s", limit.as_secs()))?

@@ -13,6 +13,10 @@ use rusqlite::{Connection, OpenFlags, params_from_iter};
 
 use super::{Database, Dialect, Engine, Row, Value};
 
+/// The gateway's own busy timeout (`_busy_timeout=30000` in its SQLite DSN): how long its
+/// writers wait for a lock, and how long backfill's write waits for theirs.
+pub const GATEWAY_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long one of our statements waits for the gateway's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -141,7 +145,7 @@ impl Database for SqliteDb {
         // flush waits on its busy timeout instead of either side failing on a lock upgrade.
         let mut conn = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_WRITE)
             .with_context(|| format!("opening {} for writing", self.path.display()))?;
-        conn.busy_timeout(crate::demo::gateway::GATEWAY_BUSY_TIMEOUT)?;
+        conn.busy_timeout(GATEWAY_BUSY_TIMEOUT)?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for (up, ins) in items {
             let changed = tx.execute(update, params_from_iter(up.iter().map(to_sql)))?;

@@ -7,19 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// Which gateway's tables to create.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flavor {
-    NewApi,
-    /// new-api before `group`, `ip`, `request_id`, `other`, `use_time`, `is_stream` were added.
-    NewApiLegacy,
-    OneApi,
-}
+use crate::db::sqlite::GATEWAY_BUSY_TIMEOUT;
+use crate::schema::{Flavor, LOG_TYPE_CONSUME};
 
 /// `logs` and `quota_data` as new-api (2026) creates them in SQLite.
 pub const NEWAPI_DDL: &str = r#"
@@ -68,9 +61,6 @@ CREATE TABLE `users` (`id` integer,`username` text,`password` text NOT NULL,`dis
  `request_count` integer DEFAULT 0,`group` varchar(64) DEFAULT "default",`aff_code` varchar(32),`inviter_id` integer,
  `deleted_at` datetime,PRIMARY KEY (`id`));
 "#;
-
-/// The gateway's busy timeout (`_busy_timeout=30000`).
-pub const GATEWAY_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One `logs` row as the gateway writes it. Optional columns are skipped on schemas without them.
 #[derive(Debug, Clone, Default)]
@@ -206,7 +196,7 @@ impl Gateway {
                 self.conn.last_insert_rowid()
             }
         };
-        if feed_quota_data && row.log_type == 2 && self.flavor != Flavor::OneApi {
+        if feed_quota_data && row.log_type == LOG_TYPE_CONSUME && self.flavor != Flavor::OneApi {
             self.feed(
                 row.user_id,
                 &row.username,

@@ -7,17 +7,20 @@
 //! `quota_data` at all: the incident this exporter exists to reveal.
 
 pub mod gateway;
+pub mod generate;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
-use gateway::{Flavor, Gateway, LogRow};
+use crate::clock::unix_now;
+use crate::schema::Flavor;
+use gateway::{Gateway, LogRow};
 
 /// The model the incident was about: its logs bypass the quota_data map.
 pub const INCIDENT_MODEL: &str = "coze-workflow-async";
@@ -190,13 +193,6 @@ impl Traffic {
             }
         }
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs() as i64
 }
 
 /// Creates a demo database with `history` of past traffic (one request every ~10 s), flushed

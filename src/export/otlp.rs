@@ -25,7 +25,7 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use prometheus::proto::{LabelPair, Metric, MetricFamily};
 
 use crate::metrics::{self, Kind, MetricDef};
-use crate::poller::{Shared, Snapshot};
+use crate::snapshot::{Shared, Snapshot};
 
 const DEFAULT_SERVICE_NAME: &str = "newapi-exporter";
 

@@ -15,8 +15,9 @@ pub mod engines;
 pub mod proxy;
 
 use newapi_exporter::collect::Settings;
-use newapi_exporter::poller::{Poller, Shared};
-use newapi_exporter::serve::sqlite_connector;
+use newapi_exporter::poll::Poller;
+use newapi_exporter::poll::sqlite_connector;
+use newapi_exporter::snapshot::Shared;
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -148,7 +149,7 @@ impl InProcess {
         let main = DbConfig::from_dsn(Some(dsn), Path::new("unused.db")).unwrap();
         let logs = log_dsn.map(|d| DbConfig::from_dsn(Some(d), Path::new("unused.db")).unwrap());
         let poller = Poller::new(
-            Box::new(move || newapi_exporter::serve::open(&main, &logs)),
+            Box::new(move || newapi_exporter::db::open(&main, &logs)),
             dsn.to_string(),
             Settings::default(),
             Arc::new(AtomicBool::new(false)),

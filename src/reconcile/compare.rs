@@ -1,133 +1,12 @@
-//! Reconciliation of what the gateway billed (`logs`) with what its dashboard recorded
-//! (`quota_data`), on (hour, user_id, model_name).
-//!
-//! The logs and quota_data collectors keep per-hour aggregates for the hours in range; this
-//! module compares them. One computation serves the gauges, the `reconcile` command, the landing
-//! page and `backfill`, so all four always agree.
-//!
-//! Rules (see the schema notes on why the two tables drift):
-//! - only consume rows (type 2) are compared; refunds never reach quota_data, and async task
-//!   settlement rows are mirrored by no code path, so they are reported apart as "unmirrored";
-//! - missing and excess count only settled hours: an hour is settled once its end plus
-//!   `DataExportInterval` plus a margin is in the past (until then a flush may still come);
-//! - a deficit in one hour matched by an excess in the adjacent hour, for the same user and
-//!   model, nets out: the gateway takes the hour from a fresh clock reading, so a request at
-//!   xx:59:59 can land in the next hour.
+//! The rules that compare logs with quota_data per hour: what counts, the adjacent-hour
+//! netting, the lag; and the incremental re-comparison that a poll runs.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use prometheus::proto::MetricFamily;
-use serde::Serialize;
-
-use crate::collect::{Collector, Context, Family};
-use crate::db::Sources;
-
-pub const HOUR: i64 = 3600;
-
-/// (user_id, model_name, hour start): ordered so that one pass over the map visits each user's
-/// model hour by hour.
-pub type HourKey = (i64, String, i64);
-
-pub fn hour_of(t: i64) -> i64 {
-    t - t.rem_euclid(HOUR)
-}
-
-/// Consume log rows of one (hour, user, model).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LogsHour {
-    /// Rows the gateway mirrors into quota_data.
-    pub requests: i64,
-    pub quota: i64,
-    pub tokens: i64,
-    /// Newest and oldest `created_at` of those rows.
-    pub latest: i64,
-    pub first: i64,
-    /// Async task settlement rows: billed, never mirrored by design.
-    pub unmirrored_requests: i64,
-    pub unmirrored_quota: i64,
-}
-
-impl LogsHour {
-    pub fn add_mirrored(
-        &mut self,
-        requests: i64,
-        quota: i64,
-        tokens: i64,
-        first: i64,
-        latest: i64,
-    ) {
-        if self.requests == 0 {
-            self.first = first;
-            self.latest = latest;
-        } else {
-            self.first = self.first.min(first);
-            self.latest = self.latest.max(latest);
-        }
-        self.requests += requests;
-        self.quota += quota;
-        self.tokens += tokens;
-    }
-}
-
-/// quota_data rows of one (hour, user, model).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct QdHour {
-    pub rows: i64,
-    /// Rows beyond the first for the same (hour, user_id, username, model): duplicates written
-    /// by several gateway nodes flushing the same key.
-    pub extra_rows: i64,
-    pub requests: i64,
-    pub quota: i64,
-    pub tokens: i64,
-}
-
-/// (user_id, model_name): the unit the reconciliation compares, and caches between polls.
-pub type PairKey = (i64, String);
-
-/// Per-hour state shared by the logs and quota_data collectors and read here.
-#[derive(Debug, Clone, Default)]
-pub struct Recording {
-    pub logs_hourly: BTreeMap<HourKey, LogsHour>,
-    pub qd_hourly: BTreeMap<HourKey, QdHour>,
-    /// Per model, over all history: oldest and newest mirrored consume log time.
-    pub logs_model_times: HashMap<String, (i64, i64)>,
-    /// Per model, over all history: newest quota_data hour.
-    pub qd_model_newest_hour: HashMap<String, i64>,
-    /// Set by the quota_data collector when the table exists.
-    pub has_quota_data: bool,
-    /// (user, model) pairs whose hours changed since the reconciliation last compared them:
-    /// a poll compares only these again while the window stays put.
-    pub dirty: HashSet<PairKey>,
-}
-
-impl Recording {
-    /// Adds consume log rows to one (user, model, hour).
-    pub fn logs_hour(&mut self, user: i64, model: &str, hour: i64) -> &mut LogsHour {
-        self.dirty.insert((user, model.to_string()));
-        self.logs_hourly
-            .entry((user, model.to_string(), hour))
-            .or_default()
-    }
-
-    /// Replaces the quota_data side with a fresh read; pairs whose hours differ become dirty.
-    pub fn replace_qd_hourly(&mut self, fresh: BTreeMap<HourKey, QdHour>) {
-        let old = std::mem::replace(&mut self.qd_hourly, fresh);
-        let changed = old
-            .iter()
-            .filter(|(k, v)| self.qd_hourly.get(*k) != Some(*v))
-            .chain(self.qd_hourly.iter().filter(|(k, _)| !old.contains_key(*k)));
-        for ((user, model, _), _) in changed {
-            self.dirty.insert((*user, model.clone()));
-        }
-    }
-
-    /// Forgets hours before `from` (they left the window). They take part in no comparison
-    /// (see `Context::hourly_range`), so no pair becomes dirty.
-    pub fn prune(&mut self, from: i64) {
-        self.logs_hourly.retain(|k, _| k.2 >= from);
-        self.qd_hourly.retain(|k, _| k.2 >= from);
-    }
-}
+use super::recording::{HourKey, LogsHour, PairKey, QdHour, Recording};
+use super::report::{Amount, Comparison, Deficit, ModelReport, Report};
+use crate::clock::{HOUR, hour_of};
 
 /// Lag of quota_data behind logs: newest mirrored log minus the end of the newest quota_data
 /// hour, or minus the first log when quota_data has nothing for it at all.
@@ -142,65 +21,6 @@ pub fn lag_seconds(
         None => first_log.unwrap_or(newest),
     };
     (newest - since).max(0)
-}
-
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct LogsSide {
-    pub requests: i64,
-    pub quota: i64,
-    pub tokens: i64,
-    pub latest: i64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct QdSide {
-    pub rows: i64,
-    pub requests: i64,
-    pub quota: i64,
-    pub tokens: i64,
-    pub latest: i64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct Amount {
-    pub requests: i64,
-    pub quota: i64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct Comparison {
-    pub logs: LogsSide,
-    pub quota_data: QdSide,
-    pub missing: Amount,
-    pub excess: Amount,
-    /// Async task settlement rows, never mirrored by design: not part of missing.
-    pub unmirrored: Amount,
-    /// Duplicate quota_data rows (beyond the first per key).
-    pub duplicate_rows: i64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct ModelReport {
-    pub model: String,
-    pub lag_seconds: i64,
-    #[serde(flatten)]
-    pub cmp: Comparison,
-}
-
-/// The reconciliation of one time range; its JSON form is the `reconcile --format json`
-/// interface.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct Report {
-    pub since: i64,
-    pub until: i64,
-    pub settled_until: i64,
-    pub lag_seconds: i64,
-    pub totals: Comparison,
-    pub models: Vec<ModelReport>,
-    /// Per (hour, user_id, model) deficits of settled hours after netting: what backfill adds.
-    #[serde(skip)]
-    /// Each is ((hour, user_id, model), requests and quota, tokens), ordered by hour.
-    pub deficits: Vec<((i64, i64, String), Amount, i64)>,
 }
 
 /// What a report covers: `[since, until)`, with missing and excess counted only for hours
@@ -228,25 +48,22 @@ impl Range {
     }
 }
 
+/// What quota_data lacks for one settled hour of one (user, model).
+#[derive(Debug, Clone, PartialEq)]
+struct HourDeficit {
+    hour: i64,
+    amount: Amount,
+    tokens: i64,
+}
+
 /// The comparison of one (user, model) over a range.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PairResult {
     cmp: Comparison,
     /// Oldest mirrored consume log in range.
     first_log: Option<i64>,
-    /// (hour, requests and quota, tokens) deficits of settled hours after netting.
-    deficits: Vec<(i64, Amount, i64)>,
-}
-
-impl Report {
-    /// The model lagging most, when it lags more than the whole: the overall lag stays low while
-    /// other models keep recording, which is how one model that stopped can go unnoticed.
-    pub fn worst_model_lag(&self) -> Option<&ModelReport> {
-        self.models
-            .iter()
-            .filter(|m| m.lag_seconds > self.lag_seconds)
-            .max_by_key(|m| m.lag_seconds)
-    }
+    /// Deficits of settled hours after netting.
+    deficits: Vec<HourDeficit>,
 }
 
 /// Compares logs and quota_data over `[since, until)`; missing and excess only for settled
@@ -262,11 +79,11 @@ pub fn reconcile(rec: &Recording, since: i64, until: i64, settled_until: i64) ->
 
 /// Compares every (user, model) pair of the recording.
 pub fn compare_all(rec: &Recording, range: Range) -> BTreeMap<PairKey, PairResult> {
-    let pairs: std::collections::BTreeSet<(i64, &str)> = rec
+    let pairs: BTreeSet<(i64, &str)> = rec
         .logs_hourly
         .keys()
         .chain(rec.qd_hourly.keys())
-        .map(|(user, model, _)| (*user, model.as_str()))
+        .map(|k| (k.user_id, k.model.as_str()))
         .collect();
     pairs
         .into_iter()
@@ -279,14 +96,17 @@ pub fn compare_all(rec: &Recording, range: Range) -> BTreeMap<PairKey, PairResul
 
 /// Compares one (user, model) pair from the recording's current hours.
 pub fn compare_one(rec: &Recording, key: &PairKey, range: Range) -> Option<PairResult> {
-    let (user, model) = (key.0, key.1.clone());
-    let bounds = (user, model.clone(), i64::MIN)..=(user, model, i64::MAX);
+    let bounds = HourKey::new(key.0, &key.1, i64::MIN)..=HourKey::new(key.0, &key.1, i64::MAX);
     let l: Vec<(i64, &LogsHour)> = rec
         .logs_hourly
         .range(bounds.clone())
-        .map(|(k, v)| (k.2, v))
+        .map(|(k, v)| (k.hour, v))
         .collect();
-    let q: Vec<(i64, &QdHour)> = rec.qd_hourly.range(bounds).map(|(k, v)| (k.2, v)).collect();
+    let q: Vec<(i64, &QdHour)> = rec
+        .qd_hourly
+        .range(bounds)
+        .map(|(k, v)| (k.hour, v))
+        .collect();
     compare_pair(&l, &q, range)
 }
 
@@ -365,7 +185,11 @@ fn compare_pair(
                 requests: d.requests.max(0),
                 quota: d.quota.max(0),
             };
-            r.deficits.push((*h, amount, d.tokens.max(0)));
+            r.deficits.push(HourDeficit {
+                hour: *h,
+                amount,
+                tokens: d.tokens.max(0),
+            });
         }
         r.cmp.missing.requests += d.requests.max(0);
         r.cmp.missing.quota += d.quota.max(0);
@@ -383,15 +207,21 @@ pub fn assemble(pairs: &BTreeMap<PairKey, PairResult>, range: Range) -> Report {
     let mut deficits = Vec::new();
     for ((user, model), p) in pairs {
         let (cmp, first) = models.entry(model.as_str()).or_default();
-        add_comparison(cmp, &p.cmp);
+        cmp.add(&p.cmp);
         if let Some(f) = p.first_log {
             *first = Some(first.map_or(f, |o: i64| o.min(f)));
         }
-        for (h, amount, tokens) in &p.deficits {
-            deficits.push(((*h, *user, model.clone()), amount.clone(), *tokens));
+        for d in &p.deficits {
+            deficits.push(Deficit {
+                hour: d.hour,
+                user_id: *user,
+                model: model.clone(),
+                amount: d.amount.clone(),
+                tokens: d.tokens,
+            });
         }
     }
-    deficits.sort_by(|a, b| a.0.cmp(&b.0));
+    deficits.sort_by(|a, b| (a.hour, a.user_id, &a.model).cmp(&(b.hour, b.user_id, &b.model)));
 
     let mut totals = Comparison::default();
     let mut newest_log = None;
@@ -408,7 +238,7 @@ pub fn assemble(pairs: &BTreeMap<PairKey, PairResult>, range: Range) -> Report {
         if let Some(f) = first_log {
             oldest_log = Some(oldest_log.map_or(f, |o| o.min(f)));
         }
-        add_comparison(&mut totals, &cmp);
+        totals.add(&cmp);
         out.push(ModelReport {
             model: name.to_string(),
             lag_seconds: lag_seconds(nl, first_log, nq),
@@ -428,25 +258,6 @@ pub fn assemble(pairs: &BTreeMap<PairKey, PairResult>, range: Range) -> Report {
         models: out,
         deficits,
     }
-}
-
-fn add_comparison(t: &mut Comparison, c: &Comparison) {
-    t.logs.requests += c.logs.requests;
-    t.logs.quota += c.logs.quota;
-    t.logs.tokens += c.logs.tokens;
-    t.logs.latest = t.logs.latest.max(c.logs.latest);
-    t.quota_data.rows += c.quota_data.rows;
-    t.quota_data.requests += c.quota_data.requests;
-    t.quota_data.quota += c.quota_data.quota;
-    t.quota_data.tokens += c.quota_data.tokens;
-    t.quota_data.latest = t.quota_data.latest.max(c.quota_data.latest);
-    t.missing.requests += c.missing.requests;
-    t.missing.quota += c.missing.quota;
-    t.excess.requests += c.excess.requests;
-    t.excess.quota += c.excess.quota;
-    t.unmirrored.requests += c.unmirrored.requests;
-    t.unmirrored.quota += c.unmirrored.quota;
-    t.duplicate_rows += c.duplicate_rows;
 }
 
 /// One hour of one (user, model): logs minus quota_data, and how much the logs side holds.
@@ -502,190 +313,40 @@ fn net_adjacent(
     }
 }
 
-/// The recording-health gauges, computed after the logs and quota_data collectors ran.
-#[derive(Default)]
-pub struct ReconcileCollector {
-    report: Option<std::sync::Arc<Report>>,
-    lag: i64,
-    model_lag: BTreeMap<String, i64>,
-    admission: crate::collect::Admission,
-    /// The series each model is shown in (itself, or `__other__`).
-    shown_as: HashMap<String, String>,
-    /// Each (user, model) compared over `range`; a poll compares again only the pairs whose
-    /// hours changed, unless the range moved (once an hour).
+/// The comparison kept between polls: each (user, model) compared over `range`; a call compares
+/// again only the pairs the recording marked dirty, unless the range moved (once an hour).
+#[derive(Debug, Default)]
+pub struct IncrementalComparison {
     pairs: BTreeMap<PairKey, PairResult>,
     range: Option<Range>,
-    /// Hours before this were forgotten by the last prune.
-    pruned_below: Option<i64>,
+    report: Option<Arc<Report>>,
 }
 
-impl ReconcileCollector {
-    pub fn new(max_series: Option<usize>) -> Self {
-        ReconcileCollector {
-            admission: crate::collect::Admission::new(max_series),
-            ..ReconcileCollector::default()
-        }
-    }
-
-    fn shown<'a>(&'a self, model: &'a str) -> &'a str {
-        self.shown_as
-            .get(model)
-            .map(String::as_str)
-            .unwrap_or(model)
-    }
-}
-
-impl Collector for ReconcileCollector {
-    fn name(&self) -> &'static str {
-        "reconcile"
-    }
-
-    fn poll(&mut self, _src: &mut Sources, ctx: &mut Context) -> anyhow::Result<()> {
-        let rec = &ctx.recording;
-        if !rec.has_quota_data {
-            self.report = None;
-            ctx.report = None;
-            return Ok(());
-        }
-        let (since, until) = ctx.window();
-        let range = Range {
-            since,
-            until,
-            settled_until: ctx.settled_until(),
-        };
+impl IncrementalComparison {
+    /// The report over `range` for the recording as it is now; clears its dirty pairs.
+    pub fn update(&mut self, rec: &mut Recording, range: Range) -> Arc<Report> {
+        let dirty = std::mem::take(&mut rec.dirty);
         let report = match &self.report {
-            // Nothing the comparison reads has changed since the last poll.
-            Some(r) if self.range == Some(range) && rec.dirty.is_empty() => r.clone(),
+            // Nothing the comparison reads has changed since the last call.
+            Some(r) if self.range == Some(range) && dirty.is_empty() => r.clone(),
             Some(_) if self.range == Some(range) => {
-                for key in &rec.dirty {
-                    match compare_one(rec, key, range) {
-                        Some(r) => self.pairs.insert(key.clone(), r),
-                        None => self.pairs.remove(key),
+                for key in dirty {
+                    match compare_one(rec, &key, range) {
+                        Some(r) => self.pairs.insert(key, r),
+                        None => self.pairs.remove(&key),
                     };
                 }
-                std::sync::Arc::new(assemble(&self.pairs, range))
+                Arc::new(assemble(&self.pairs, range))
             }
             _ => {
                 self.pairs = compare_all(rec, range);
-                std::sync::Arc::new(assemble(&self.pairs, range))
+                Arc::new(assemble(&self.pairs, range))
             }
         };
         self.range = Some(range);
-        ctx.recording.dirty.clear();
-        let rec = &ctx.recording;
-        // Lag over all history (an outage longer than the window still shows in full).
-        self.model_lag.clear();
-        let mut newest_log = None;
-        let mut oldest_log: Option<i64> = None;
-        for (model, (first, last)) in &rec.logs_model_times {
-            let q = rec.qd_model_newest_hour.get(model).copied();
-            self.model_lag
-                .insert(model.clone(), lag_seconds(Some(*last), Some(*first), q));
-            newest_log = newest_log.max(Some(*last));
-            oldest_log = Some(oldest_log.map_or(*first, |o| o.min(*first)));
-        }
-        let newest_qd = rec.qd_model_newest_hour.values().copied().max();
-        self.lag = lag_seconds(newest_log, oldest_log, newest_qd);
-        for model in report
-            .models
-            .iter()
-            .map(|m| &m.model)
-            .chain(self.model_lag.keys())
-        {
-            if !self.shown_as.contains_key(model) {
-                let shown = if self.admission.admit(model) {
-                    model.clone()
-                } else {
-                    crate::collect::OTHER.to_string()
-                };
-                self.shown_as.insert(model.clone(), shown);
-            }
-        }
-        ctx.folded.insert("reconcile", self.admission.folded());
-        // Hours only leave the range the collectors keep when the window moves (once an hour).
-        let keep_from = ctx.hourly_range().0;
-        if self.pruned_below != Some(keep_from) {
-            ctx.recording.prune(keep_from);
-            self.pruned_below = Some(keep_from);
-        }
-        ctx.report = Some(report.clone());
-        self.report = Some(report);
-        Ok(())
+        self.report = Some(report.clone());
+        report
     }
-
-    fn render(&self, ctx: &Context, out: &mut Vec<MetricFamily>) {
-        let Some(report) = &self.report else { return };
-        let mut f = Family::of(&crate::metrics::QUOTA_DATA_LAG_SECONDS);
-        f.sample(&[], self.lag as f64);
-        f.finish(out);
-        let mut f = Family::of(&crate::metrics::QUOTA_DATA_MODEL_LAG_SECONDS);
-        let mut lags: BTreeMap<&str, i64> = BTreeMap::new();
-        for (model, lag) in &self.model_lag {
-            let e = lags.entry(self.shown(model)).or_default();
-            *e = (*e).max(*lag);
-        }
-        for (model, lag) in lags {
-            f.sample(&[("model", model)], lag as f64);
-        }
-        f.finish(out);
-        use crate::metrics as m;
-        type Field = fn(&Comparison) -> i64;
-        let per_model: [(&m::MetricDef, Field); 5] = [
-            (&m::QUOTA_DATA_MISSING_QUOTA, |c| c.missing.quota),
-            (&m::QUOTA_DATA_MISSING_REQUESTS, |c| c.missing.requests),
-            (&m::QUOTA_DATA_EXCESS_QUOTA, |c| c.excess.quota),
-            (&m::QUOTA_DATA_EXCESS_REQUESTS, |c| c.excess.requests),
-            (&m::QUOTA_DATA_UNMIRRORED_QUOTA, |c| c.unmirrored.quota),
-        ];
-        for (def, get) in per_model {
-            let mut sums: BTreeMap<&str, i64> = BTreeMap::new();
-            for model in &report.models {
-                *sums.entry(self.shown(&model.model)).or_default() += get(&model.cmp);
-            }
-            let mut f = Family::of(def);
-            for (model, v) in sums {
-                f.sample(&[("model", model)], v as f64);
-            }
-            f.finish(out);
-        }
-        let mut f = Family::of(&crate::metrics::QUOTA_DATA_DUPLICATE_ROWS);
-        f.sample(&[], report.totals.duplicate_rows as f64);
-        f.finish(out);
-        let mut f = Family::of(&crate::metrics::QUOTA_DATA_SETTLED_UNTIL_TIMESTAMP_SECONDS);
-        f.sample(&[], ctx.settled_until() as f64);
-        f.finish(out);
-    }
-}
-
-/// Reads `[since, until)` once and reconciles it: the `reconcile` and `backfill` commands.
-pub fn run_once(
-    src: &mut Sources,
-    since: i64,
-    until: i64,
-    settle_margin_secs: i64,
-    chunk_rows: i64,
-) -> anyhow::Result<Report> {
-    let settings = crate::collect::Settings {
-        chunk_rows,
-        window_secs: until - since,
-        settle_margin_secs,
-        fixed_range: Some((since, until)),
-        ..crate::collect::Settings::default()
-    };
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut p = crate::poller::Poller::build_pipeline(src, settings, stop)?;
-    if p.ctx.schema.quota_data.is_none() {
-        anyhow::bail!(
-            "{} was written by one-api, which has no quota_data table: there is no dashboard view to reconcile",
-            src.describe()
-        );
-    }
-    p.poll(src, crate::poller::unix_now())?;
-    p.ctx
-        .report
-        .take()
-        .map(|r| Report::clone(&r))
-        .ok_or_else(|| anyhow::anyhow!("the reconciliation produced no report"))
 }
 
 #[cfg(test)]
@@ -693,7 +354,7 @@ mod tests {
     use super::*;
 
     fn key(h: i64) -> HourKey {
-        (1, "m".to_string(), h * HOUR)
+        HourKey::new(1, "m", h * HOUR)
     }
 
     fn logs(requests: i64, quota: i64) -> LogsHour {
@@ -751,7 +412,7 @@ mod tests {
         let hours: Vec<(i64, i64)> = r
             .deficits
             .iter()
-            .map(|(k, a, _)| (k.0 / HOUR, a.quota))
+            .map(|d| (d.hour / HOUR, d.amount.quota))
             .collect();
         assert_eq!(hours, vec![(10, 200), (11, 200), (12, 100)]);
     }
@@ -845,7 +506,8 @@ mod tests {
             settled_until: 28 * HOUR,
         };
         let mut rec = Recording::default();
-        let mut pairs = compare_all(&rec, range);
+        let mut incremental = IncrementalComparison::default();
+        incremental.update(&mut rec, range);
         for round in 0..200 {
             // New log rows for a few pairs, at any hour around the range.
             for _ in 0..next(4) {
@@ -858,9 +520,9 @@ mod tests {
             if round % 3 == 0 {
                 let mut fresh = rec.qd_hourly.clone();
                 for _ in 0..next(6) {
-                    let key = (
+                    let key = HourKey::new(
                         next(5),
-                        ["a", "b", "c"][next(3) as usize].to_string(),
+                        ["a", "b", "c"][next(3) as usize],
                         (8 + next(25)) * HOUR,
                     );
                     if next(4) == 0 {
@@ -875,20 +537,11 @@ mod tests {
                 }
                 rec.replace_qd_hourly(fresh);
             }
-            for key in std::mem::take(&mut rec.dirty) {
-                match compare_one(&rec, &key, range) {
-                    Some(r) => pairs.insert(key, r),
-                    None => pairs.remove(&key),
-                };
-            }
-            let full = compare_all(&rec, range);
-            assert_eq!(pairs, full, "round {round}");
-            assert_eq!(
-                assemble(&pairs, range),
-                reconcile(&rec, 10 * HOUR, 30 * HOUR, 28 * HOUR)
-            );
+            let report = incremental.update(&mut rec, range);
+            assert_eq!(incremental.pairs, compare_all(&rec, range), "round {round}");
+            assert_eq!(*report, reconcile(&rec, 10 * HOUR, 30 * HOUR, 28 * HOUR));
         }
-        assert!(!pairs.is_empty());
+        assert!(!incremental.pairs.is_empty());
     }
 
     #[test]

@@ -1,59 +1,27 @@
-//! HTTP routes: the metrics endpoint, a landing page, and health/readiness probes.
-//!
-//! Handlers only read the last published snapshot; none touches the database.
+//! The landing page: what the exporter reads, how its last poll went, and the recording health
+//! over the reconciliation window.
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::response::Html;
 use html_escape::encode_text as esc;
 
-use crate::poller::Shared;
+use crate::clock::{duration, rfc3339};
+use crate::poll::Status;
+use crate::reconcile::format;
+use crate::schema::Flavor;
+use crate::snapshot::Shared;
 
-const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-pub fn router(shared: Arc<Shared>, telemetry_path: &str) -> Router {
-    let metrics_path = telemetry_path.to_string();
-    Router::new()
-        .route(telemetry_path, get(metrics))
-        .route(
-            "/",
-            get(move |s: State<Arc<Shared>>| landing(s, metrics_path.clone())),
-        )
-        .route("/-/healthy", get(|| async { "OK\n" }))
-        .route("/-/ready", get(ready))
-        .with_state(shared)
-}
-
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let snap = shared.snapshot();
-    ([(header::CONTENT_TYPE, TEXT_FORMAT)], snap.text.clone()).into_response()
-}
-
-async fn ready(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.snapshot().status.ready {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the first read of the gateway's database has not finished\n",
-        )
-            .into_response()
-    }
-}
-
-async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) -> Html<String> {
+pub async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) -> Html<String> {
     let snap = shared.snapshot();
     let st = &snap.status;
     let last_poll = st
         .last_poll
         .map(|t| {
             let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-            crate::report::rfc3339(secs as i64)
+            rfc3339(secs as i64)
         })
         .unwrap_or_else(|| "not yet".into());
     let result = match (&st.last_error, st.ready) {
@@ -98,11 +66,10 @@ table.cmp{{border-collapse:collapse;font-size:0.85em}} .cmp th,.cmp td{{border:1
 }
 
 /// The logs-versus-quota_data comparison over the reconciliation window.
-fn recording_section(st: &crate::poller::Status) -> String {
-    use crate::report::{self, duration, rfc3339};
+fn recording_section(st: &Status) -> String {
     let Some(r) = &st.report else {
         return match st.flavor {
-            Some(crate::schema::Flavor::OneApi) => "<h2>Recording health</h2>\n<p>Not available: \
+            Some(Flavor::OneApi) => "<h2>Recording health</h2>\n<p>Not available: \
                 this database was written by one-api, which has no quota_data table (the dashboard \
                 export is a new-api feature), so there is nothing to reconcile.</p>"
                 .to_string(),
@@ -124,7 +91,7 @@ fn recording_section(st: &crate::poller::Status) -> String {
             ))
             .unwrap_or_default(),
     );
-    for h in report::HEADERS {
+    for h in format::HEADERS {
         let h = if h == "lag" { "lag (s)" } else { h };
         html.push_str(&format!("<th>{}</th>", h.replace('_', " ")));
     }
@@ -135,7 +102,7 @@ fn recording_section(st: &crate::poller::Status) -> String {
         .map(|m| &m.cmp)
         .chain([&r.totals])
         .map(|c| c.missing.requests > 0 || c.missing.quota > 0);
-    for (row, missing) in report::rows(r, rfc3339).into_iter().zip(has_missing) {
+    for (row, missing) in format::rows(r, rfc3339).into_iter().zip(has_missing) {
         html.push_str(if missing { "<tr class=bad>" } else { "<tr>" });
         for c in &row {
             html.push_str(&format!("<td>{}</td>", esc(c)));

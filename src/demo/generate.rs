@@ -14,7 +14,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::demo::gateway::{Flavor, Gateway};
+use super::gateway::Gateway;
+use crate::clock::unix_now;
+use crate::schema::Flavor;
 
 /// (model, quota per token x1000, share of traffic in per mille, first channel, channels)
 const MODELS: &[(&str, i64, i64, i64, i64)] = &[
@@ -73,7 +75,7 @@ pub fn generate(path: &Path, rows: i64, days: i64) -> Result<()> {
     ] {
         gw.add_channel(id, ty, name, 1, 100.0, 500, "default", "")?;
     }
-    let now = crate::poller::unix_now();
+    let now = unix_now();
     let span = days * 86_400;
     let start = now - span;
     let conn = &gw.conn;

@@ -3,8 +3,19 @@
 
 use std::fmt::Write;
 
-use crate::cli::ReportFormat;
-use crate::reconcile::{Comparison, Report};
+use super::report::{Comparison, Report};
+use crate::clock::{duration, rfc3339};
+
+/// The forms a report is printed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportFormat {
+    /// An aligned table for people.
+    Table,
+    /// JSON, the stable machine interface.
+    Json,
+    /// CSV, one line per model and a total.
+    Csv,
+}
 
 /// Column headers of the table and CSV forms, in order.
 pub const HEADERS: [&str; 16] = [
@@ -68,22 +79,6 @@ pub fn rows(report: &Report, time: fn(i64) -> String) -> Vec<Vec<String>> {
         .collect();
     out.push(cells("TOTAL", &report.totals, report.lag_seconds, time));
     out
-}
-
-/// Unix seconds as RFC 3339 UTC, or `-` for none.
-pub fn rfc3339(t: i64) -> String {
-    if t <= 0 {
-        return "-".into();
-    }
-    humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64),
-    )
-    .to_string()
-}
-
-/// Seconds as a readable duration (`2days 48m 20s`); negative as zero.
-pub fn duration(seconds: i64) -> String {
-    humantime::format_duration(std::time::Duration::from_secs(seconds.max(0) as u64)).to_string()
 }
 
 fn plain(t: i64) -> String {

@@ -1,0 +1,176 @@
+//! `serve` and `demo`: the poll thread, the HTTP server, the OTLP push, and shutdown; and
+//! `generate`, the benchmark database.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+
+use crate::cli::{DbArgs, DemoArgs, GenerateArgs, ServeArgs, WebArgs, poll_settings};
+use crate::collect::Settings;
+use crate::db;
+use crate::demo;
+use crate::export::otlp::{self, Otlp};
+use crate::poll::{Poller, connector};
+use crate::snapshot::Shared;
+use crate::web::{
+    self,
+    config::{BasicAuth, WebConfig, require_auth},
+};
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// The poller for the databases `db` names, with the sliding-window settings.
+fn poller_for(db: &DbArgs, settings: Settings, stop: Arc<AtomicBool>) -> Result<Poller> {
+    let (main, logs) = db.configs()?;
+    let database = db::describe(&main, &logs);
+    Ok(Poller::new(connector(main, logs), database, settings, stop))
+}
+
+/// `serve`: polls the gateway's database and serves the metrics until SIGINT or SIGTERM.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let settings = poll_settings(&args.db, &args.window, &args.series);
+    let poller = poller_for(&args.db, settings, stop.clone())?;
+    runtime()?.block_on(serve(&args.web, poller, stop))
+}
+
+/// `demo`: a simulated gateway writing into a SQLite file, served like `serve` would.
+pub fn run_demo(args: DemoArgs) -> Result<()> {
+    demo::prepare(&args.db, args.history)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer_stop = stop.clone();
+    let path = args.db.clone();
+    let rate = args.rate;
+    let writer = std::thread::Builder::new()
+        .name("demo-gateway".into())
+        .spawn(move || demo::write_live(&path, rate, writer_stop, 7))?;
+    let db = DbArgs::sqlite(args.db.clone());
+    let settings = poll_settings(&db, &args.window, &args.series);
+    let poller = poller_for(&db, settings, stop.clone())?;
+    tracing::info!(
+        "demo gateway writing {rate} requests/s into {}",
+        args.db.display()
+    );
+    runtime()?.block_on(serve(&args.web, poller, stop))?;
+    writer
+        .join()
+        .map_err(|_| anyhow!("demo writer thread panicked"))?
+}
+
+/// `generate`: a large gateway database for benchmarks.
+pub fn run_generate(args: &GenerateArgs) -> Result<()> {
+    let started = Instant::now();
+    demo::generate::generate(&args.db, args.rows, args.days)?;
+    println!(
+        "wrote {} log rows to {} in {:.1?}",
+        args.rows,
+        args.db.display(),
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Serves metrics until SIGINT or SIGTERM, then stops the poll thread and sets `stop`.
+async fn serve(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Result<()> {
+    let shared = Arc::new(Shared::default());
+    let otlp = match otlp::settings(web.otlp_endpoint.as_deref())? {
+        Some(s) => Some(Otlp::start(
+            &s,
+            shared.clone(),
+            poller.otlp_error_counter(),
+        )?),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(web.listen_address)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (--web.listen-address)",
+                web.listen_address
+            )
+        })?;
+    let interval = web.poll_interval;
+    let poll_shared = shared.clone();
+    let poll_thread = std::thread::Builder::new()
+        .name("poller".into())
+        .spawn(move || poller.run(poll_shared.as_ref(), interval))?;
+    let web_config = match &web.web_config_file {
+        Some(p) => WebConfig::load(p)?,
+        None => WebConfig::default(),
+    };
+    let auth = BasicAuth::new(web_config.users.clone());
+    let app = web::router(shared, &web.telemetry_path)
+        .layer(axum::middleware::from_fn_with_state(auth, require_auth));
+    // Shutdown sets the flag and wakes the poller from its sleep between polls.
+    let stop_polling = {
+        let poller_thread = poll_thread.thread().clone();
+        move || {
+            stop.store(true, Ordering::Relaxed);
+            poller_thread.unpark();
+        }
+    };
+    let signal_stop = stop_polling.clone();
+    match web_config.rustls()? {
+        None => {
+            let addr = listener.local_addr()?;
+            tracing::info!("listening on http://{addr}{}", web.telemetry_path);
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    shutdown_signal().await;
+                    signal_stop();
+                })
+                .await?;
+        }
+        Some(tls) => {
+            let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
+            let handle = axum_server::Handle::new();
+            let signal_handle = handle.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                signal_stop();
+                signal_handle.graceful_shutdown(Some(std::time::Duration::from_millis(500)));
+            });
+            let server = axum_server::from_tcp_rustls(listener.into_std()?, tls)?
+                .handle(handle.clone())
+                .serve(app.into_make_service());
+            let task = tokio::spawn(server);
+            if let Some(addr) = handle.listening().await {
+                tracing::info!("listening on https://{addr}{}", web.telemetry_path);
+            }
+            task.await??;
+        }
+    }
+    stop_polling();
+    tokio::task::spawn_blocking(move || {
+        let _ = poll_thread.join();
+        if let Some(o) = otlp {
+            o.shutdown();
+        }
+    })
+    .await
+    .ok();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

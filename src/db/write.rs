@@ -1,0 +1,103 @@
+//! The only write the exporter makes to the gateway's database (`backfill --apply`): adding
+//! rows' worth of requests, quota and tokens to `quota_data` the way the gateway's own flush
+//! does.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+
+use super::{Database, Engine, Value};
+use crate::clock::rfc3339;
+
+/// One addition to quota_data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaDataAddition {
+    pub hour: i64,
+    pub user_id: i64,
+    pub username: String,
+    pub model: String,
+    pub requests: i64,
+    pub quota: i64,
+    pub tokens: i64,
+}
+
+/// Writes the additions into the gateway's main database (where quota_data lives), one
+/// transaction per hour. Like the gateway's flush, an existing row is incremented in place
+/// (the lowest id when several nodes created duplicates), otherwise a row is inserted. Returns
+/// the number of rows written.
+pub fn add_to_quota_data(db: &mut dyn Database, additions: &[QuotaDataAddition]) -> Result<usize> {
+    let d = db.dialect();
+    let q = |c: &str| d.ident(c);
+    let set = format!(
+        "{count} = {count} + ?, {quota} = {quota} + ?, {tokens} = {tokens} + ?",
+        count = q("count"),
+        quota = q("quota"),
+        tokens = q("token_used"),
+    );
+    // Text compared byte for byte, as the reconciliation groups them (MySQL's usual
+    // collations would otherwise match `GPT-4o` to a `gpt-4o` row).
+    let key = format!(
+        "{} = ? AND {} AND {} AND {} = ?",
+        q("user_id"),
+        d.text_eq(&q("username")),
+        d.text_eq(&q("model_name")),
+        q("created_at")
+    );
+    let update = match d.0 {
+        // MySQL cannot select from the table it updates, but can order and limit the update.
+        Engine::Mysql => format!(
+            "UPDATE quota_data SET {set} WHERE {key} ORDER BY {} LIMIT 1",
+            q("id")
+        ),
+        Engine::Sqlite | Engine::Postgres => format!(
+            "UPDATE quota_data SET {set} WHERE {id} = (SELECT {id} FROM quota_data WHERE {key} ORDER BY {id} LIMIT 1)",
+            id = q("id")
+        ),
+    };
+    let insert = format!(
+        "INSERT INTO quota_data ({}, {}, {}, {}, {}, {}, {}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        q("user_id"),
+        q("username"),
+        q("model_name"),
+        q("created_at"),
+        q("token_used"),
+        q("count"),
+        q("quota"),
+    );
+    let mut by_hour: BTreeMap<i64, Vec<&QuotaDataAddition>> = BTreeMap::new();
+    for f in additions {
+        by_hour.entry(f.hour).or_default().push(f);
+    }
+    let mut written = 0;
+    for (hour, fixes) in by_hour {
+        let items: Vec<(Vec<Value>, Vec<Value>)> = fixes
+            .iter()
+            .map(|f| {
+                let key = [
+                    Value::Int(f.user_id),
+                    Value::Text(f.username.clone()),
+                    Value::Text(f.model.clone()),
+                    Value::Int(hour),
+                ];
+                let amounts = [
+                    Value::Int(f.requests),
+                    Value::Int(f.quota),
+                    Value::Int(f.tokens),
+                ];
+                let mut update = amounts.to_vec();
+                update.extend(key.iter().cloned());
+                let mut insert = key.to_vec();
+                insert.extend([
+                    Value::Int(f.tokens),
+                    Value::Int(f.requests),
+                    Value::Int(f.quota),
+                ]);
+                (update, insert)
+            })
+            .collect();
+        written += db
+            .upsert_all(&update, &insert, &items)
+            .with_context(|| format!("writing quota_data for hour {}", rfc3339(hour)))?;
+    }
+    Ok(written)
+}

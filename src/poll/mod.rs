@@ -1,0 +1,229 @@
+//! The poll loop: connects, detects the schema, runs every collector, and hands the result of
+//! each poll to whoever publishes it (the snapshot that scrapes serve until the next poll).
+//!
+//! Runs on its own thread because the database calls block. A failed poll keeps the previous
+//! state (counters never go back), sets `newapi_up` to 0 and is logged once per outage.
+
+pub mod health;
+pub mod pipeline;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+use prometheus::IntCounter;
+use prometheus::proto::MetricFamily;
+
+use crate::clock::unix_now;
+use crate::collect::Settings;
+use crate::db::dsn::DbConfig;
+use crate::db::{self, Sources};
+use crate::metrics::{EXPORTER_SERIES_FOLDED_TOTAL, Family};
+use crate::reconcile::Report;
+use crate::schema::Flavor;
+use health::Health;
+pub use pipeline::{CollectorRun, Pipeline};
+
+/// Opens the gateway's databases; called again after a failure.
+pub type Connector = Box<dyn FnMut() -> Result<Sources> + Send>;
+
+/// Opens the configured databases on every (re)connect.
+pub fn connector(main: DbConfig, logs: Option<DbConfig>) -> Connector {
+    Box::new(move || db::open(&main, &logs))
+}
+
+/// Opens the gateway's SQLite database on every (re)connect.
+pub fn sqlite_connector(path: std::path::PathBuf) -> Connector {
+    connector(DbConfig::Sqlite(path), None)
+}
+
+/// What one poll produced: the metric families to serve and what the landing page shows.
+#[derive(Debug, Clone, Default)]
+pub struct PollOutput {
+    pub families: Vec<MetricFamily>,
+    pub status: Status,
+}
+
+/// Where each poll's output goes (the snapshot store the outputs read).
+pub trait Publish {
+    fn publish(&self, out: PollOutput);
+}
+
+/// What the landing page shows about the last poll.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub database: String,
+    pub flavor: Option<Flavor>,
+    pub last_poll: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub logs_cursor: i64,
+    pub ready: bool,
+    /// The reconciliation over the window; `None` on one-api (no quota_data).
+    pub report: Option<Arc<Report>>,
+}
+
+pub struct Poller {
+    connect: Connector,
+    sources: Option<Sources>,
+    pipeline: Option<Pipeline>,
+    health: Health,
+    settings: Settings,
+    stop: Arc<AtomicBool>,
+    database: String,
+    outage: Option<String>,
+    ready: bool,
+}
+
+impl Poller {
+    /// Adds `newapi_exporter_otlp_errors_total` to the exporter's metrics and returns it.
+    pub fn otlp_error_counter(&mut self) -> IntCounter {
+        self.health.otlp_error_counter()
+    }
+
+    pub fn new(
+        connect: Connector,
+        database: String,
+        settings: Settings,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        Poller {
+            connect,
+            sources: None,
+            pipeline: None,
+            health: Health::new(),
+            settings,
+            stop,
+            database,
+            outage: None,
+            ready: false,
+        }
+    }
+
+    /// One poll: every collector runs even when another fails; the first error is returned.
+    fn poll_collectors(&mut self) -> Result<()> {
+        if self.sources.as_ref().is_some_and(Sources::is_replaced) {
+            // A different database now: its totals replace ours (like an exporter restart).
+            tracing::warn!(
+                "{} was replaced (a new file at the same path): reading it from the start",
+                self.database
+            );
+            self.sources = None;
+            self.pipeline = None;
+        }
+        if self.sources.is_none() {
+            self.sources = Some((self.connect)()?);
+        }
+        let src = self.sources.as_mut().expect("connected above");
+        if self.pipeline.is_none() {
+            self.pipeline = Some(Pipeline::build(
+                src,
+                self.settings.clone(),
+                self.stop.clone(),
+            )?);
+        }
+        let pipeline = self.pipeline.as_mut().expect("built above");
+        let result = pipeline.poll(src, unix_now());
+        self.health.record_runs(&pipeline.runs);
+        result
+    }
+
+    /// Runs one poll and publishes its output.
+    pub fn poll_once(&mut self, to: &impl Publish) {
+        let started = Instant::now();
+        let result = self.poll_collectors();
+        self.health
+            .poll_duration
+            .observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(()) => {
+                self.health.up.set(1);
+                if let Some(prev) = self.outage.take() {
+                    tracing::info!(previous_error = %prev, "gateway database reachable again");
+                }
+                self.ready = true;
+            }
+            Err(e) => {
+                self.health.up.set(0);
+                self.health.poll_errors.inc();
+                let msg = format!("{e:#}");
+                // One error line per outage; later failures of the same outage at debug level.
+                if self.outage.is_none() {
+                    tracing::error!("poll failed: {msg}");
+                } else {
+                    tracing::debug!("poll failed again: {msg}");
+                }
+                self.outage = Some(msg);
+                // Reconnect on the next poll; collectors keep their state.
+                self.sources = None;
+            }
+        }
+        let now = SystemTime::now();
+        self.health.last_poll.set(
+            now.duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+        to.publish(self.render(Some(now)));
+    }
+
+    fn render(&mut self, last_poll: Option<SystemTime>) -> PollOutput {
+        let mut families = Vec::new();
+        let mut flavor = None;
+        let mut cursor = 0;
+        let mut report = None;
+        if let Some(p) = &mut self.pipeline {
+            for (table, n) in std::mem::take(&mut p.ctx.rows_read) {
+                self.health.rows_read.with_label_values(&[table]).inc_by(n);
+            }
+            if self.ready {
+                for c in &p.collectors {
+                    c.render(&p.ctx, &mut families);
+                }
+            }
+            flavor = Some(p.ctx.schema.flavor);
+            report = p.ctx.report.clone();
+            cursor = p.ctx.logs_cursor;
+        }
+        self.health.cursor.set(cursor);
+        if let Some(p) = &self.pipeline
+            && p.ctx.settings.labels.max_series.is_some()
+        {
+            let mut f = Family::of(&EXPORTER_SERIES_FOLDED_TOTAL);
+            for (family, n) in &p.ctx.folded {
+                f.sample(&[("family", family)], *n as f64);
+            }
+            f.finish(&mut families);
+        }
+        families.extend(self.health.registry.gather());
+        PollOutput {
+            families,
+            status: Status {
+                database: self.database.clone(),
+                flavor,
+                last_poll,
+                last_error: self.outage.clone(),
+                logs_cursor: cursor,
+                ready: self.ready,
+                report,
+            },
+        }
+    }
+
+    /// Polls every `interval` until `stop` is set.
+    pub fn run(mut self, to: &impl Publish, interval: Duration) {
+        to.publish(self.render(None));
+        while !self.stop.load(Ordering::Relaxed) {
+            self.poll_once(to);
+            // Asleep until the next poll; shutdown unparks this thread (see `commands::serve`).
+            let next = Instant::now() + interval;
+            while !self.stop.load(Ordering::Relaxed) {
+                let left = next.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::park_timeout(left);
+            }
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The integration tests, one binary with a module per topic.
+
+mod common;
+
+mod architecture;
+mod cardinality;
+mod e2e_alerting;
+mod engines;
+mod faults;
+mod gateway_never_blocked;
+mod generate;
+mod logs_counters;
+mod monitoring_bundle;
+mod otlp;
+mod process;
+mod properties;
+mod recording_health;
+mod web_config;
