@@ -228,7 +228,7 @@ fn many_series_db() -> PathBuf {
     }
     let gw = newapi_exporter::demo::gateway::Gateway::create(
         &path,
-        newapi_exporter::schema::Flavor::NewApi,
+        newapi_exporter::demo::gateway::Tables::NewApiOlder,
     )
     .unwrap();
     let now = newapi_exporter::clock::unix_now();

@@ -18,33 +18,107 @@ pub const LOG_TYPE_ERROR: i64 = 5;
 /// `logs.type` of a refund on new-api; unused on one-api.
 pub const LOG_TYPE_REFUND: i64 = 6;
 
-/// Which gateway wrote the database.
+/// Which generation of the gateway wrote the database: detected from its tables and columns,
+/// never from a version string. Each generation records billing by its own rules
+/// ([`Generation::rules`], the one place that holds them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flavor {
-    /// Current new-api: `logs` has `group`, `other`, `request_id`, ...
-    NewApi,
-    /// Older new-api: `quota_data` exists but `logs` lacks some of the newer columns.
-    NewApiLegacy,
+pub enum Generation {
     /// one-api: no `quota_data`; log type 5 means "test", and there are no refunds (type 6).
     OneApi,
+    /// new-api before 2026-06-20: `quota_data` keyed by (user, username, model, hour).
+    NewApiOlder,
+    /// new-api since 2026-06-20: `quota_data` keyed by eight columns, with `channel_id`,
+    /// `token_id`, `use_group` and `node_name`.
+    NewApiCurrent,
 }
 
-impl Flavor {
+/// How a generation writes `quota_data` from its logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationRules {
+    /// The columns that make one `quota_data` row: rows beyond the first per key are duplicates.
+    pub quota_data_key: &'static [&'static str],
+    /// Whether async task settlement rows reach `quota_data` (from 2026-06-20 on).
+    pub settlements_mirrored: bool,
+    /// Whether the mirror takes the hour from a fresh clock reading, so a row logged at
+    /// xx:59:59 can land in the next hour and adjacent hours must be netted.
+    pub adjacent_hour_netting: bool,
+    /// Whether `quota_data` carries the channel, so that the comparison is made per channel,
+    /// token and group.
+    pub per_channel: bool,
+}
+
+/// The eight-column key of the current generation.
+pub const QUOTA_DATA_KEY_CURRENT: &[&str] = &[
+    "user_id",
+    "username",
+    "model_name",
+    "created_at",
+    "use_group",
+    "token_id",
+    "channel_id",
+    "node_name",
+];
+/// The key of the older generation.
+pub const QUOTA_DATA_KEY_OLDER: &[&str] = &["user_id", "username", "model_name", "created_at"];
+
+impl Generation {
     pub fn as_str(self) -> &'static str {
         match self {
-            Flavor::NewApi => "new-api",
-            Flavor::NewApiLegacy => "new-api (legacy schema)",
-            Flavor::OneApi => "one-api",
+            Generation::OneApi => "one-api",
+            Generation::NewApiOlder => "new-api-older",
+            Generation::NewApiCurrent => "new-api-current",
+        }
+    }
+
+    /// What the landing page and `check` say.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Generation::OneApi => "one-api (no quota_data: nothing to reconcile)",
+            Generation::NewApiOlder => {
+                "new-api, older generation (quota_data per user, model and hour; before 2026-06-20)"
+            }
+            Generation::NewApiCurrent => {
+                "new-api, current generation (quota_data per user, model, hour, group, token, \
+                 channel and node; 2026-06-20 on)"
+            }
         }
     }
 
     /// Whether log types 5 (error) and 6 (refund) carry new-api's meaning.
     pub fn has_error_and_refund_logs(self) -> bool {
-        self != Flavor::OneApi
+        self != Generation::OneApi
+    }
+
+    /// The generation's billing rules; `None` on one-api, which has no `quota_data`.
+    pub fn rules(self) -> Option<GenerationRules> {
+        match self {
+            Generation::OneApi => None,
+            Generation::NewApiOlder => Some(GenerationRules {
+                quota_data_key: QUOTA_DATA_KEY_OLDER,
+                settlements_mirrored: false,
+                adjacent_hour_netting: true,
+                per_channel: false,
+            }),
+            Generation::NewApiCurrent => Some(GenerationRules {
+                quota_data_key: QUOTA_DATA_KEY_CURRENT,
+                settlements_mirrored: true,
+                adjacent_hour_netting: false,
+                per_channel: true,
+            }),
+        }
+    }
+
+    /// The generation a database with these tables was written by.
+    pub fn of(quota_data: Option<&Columns>) -> Generation {
+        match quota_data {
+            None => Generation::OneApi,
+            Some(q) if q.has("channel_id") && q.has("node_name") => Generation::NewApiCurrent,
+            Some(_) => Generation::NewApiOlder,
+        }
     }
 }
 
-impl fmt::Display for Flavor {
+impl fmt::Display for Generation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -83,12 +157,9 @@ pub const LOGS_REQUIRED: &[&str] = &[
     "completion_tokens",
 ];
 
-/// Columns whose absence marks an older new-api schema.
-const LOGS_NEWER: &[&str] = &["group", "other", "request_id"];
-
 #[derive(Debug, Clone)]
 pub struct Schema {
-    pub flavor: Flavor,
+    pub generation: Generation,
     pub logs: Columns,
     pub quota_data: Option<Columns>,
     pub channels: Option<Columns>,
@@ -115,13 +186,20 @@ impl Schema {
         let quota_data = main.table_columns("quota_data")?.map(Columns::new);
         let channels = main.table_columns("channels")?.map(Columns::new);
         let options = main.table_columns("options")?.map(Columns::new);
-        let flavor = match &quota_data {
-            None => Flavor::OneApi,
-            Some(_) if LOGS_NEWER.iter().all(|c| logs.has(c)) => Flavor::NewApi,
-            Some(_) => Flavor::NewApiLegacy,
-        };
+        let generation = Generation::of(quota_data.as_ref());
+        if let (Some(rules), Some(q)) = (generation.rules(), &quota_data) {
+            for col in rules.quota_data_key {
+                if !q.has(col) {
+                    bail!(
+                        "table `quota_data` in {} has no column `{col}`, which the {generation} \
+                         gateway writes",
+                        main.describe()
+                    );
+                }
+            }
+        }
         Ok(Schema {
-            flavor,
+            generation,
             logs,
             quota_data,
             channels,

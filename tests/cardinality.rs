@@ -6,14 +6,14 @@ use std::path::Path;
 use crate::common::*;
 use newapi_exporter::clock::unix_now;
 use newapi_exporter::collect::{LabelSettings, Settings};
+use newapi_exporter::demo::gateway::Tables;
 use newapi_exporter::demo::gateway::{Gateway, LogRow};
-use newapi_exporter::schema::Flavor;
 use rusqlite::Connection;
 
 /// Twelve models, three channels, two groups, four users, recent enough for the window.
 fn fixture(dir: &Path) -> std::path::PathBuf {
     let db = dir.join("one-api.db");
-    let mut gw = Gateway::create(&db, Flavor::NewApi).unwrap();
+    let mut gw = Gateway::create(&db, Tables::NewApiOlder).unwrap();
     for id in 1..=3 {
         gw.add_channel(id, 1, &format!("ch{id}"), 1, 1.0, 100, "default", "m")
             .unwrap();
@@ -190,7 +190,7 @@ fn series_beyond_the_limit_fold_into_other_and_stay_monotonic() {
     );
 
     // A new model later: folded, the kept series unchanged, __other__ grows.
-    let gw = Gateway::open(&db, Flavor::NewApi).unwrap();
+    let gw = Gateway::open(&db, Tables::NewApiOlder).unwrap();
     gw.conn
         .execute(
             "INSERT INTO logs (user_id, created_at, type, model_name, quota, prompt_tokens, completion_tokens, channel_id, `group`)

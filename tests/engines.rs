@@ -11,8 +11,8 @@ use crate::common::proxy::Proxy;
 use crate::common::*;
 use newapi_exporter::clock::unix_now;
 use newapi_exporter::demo::Traffic;
+use newapi_exporter::demo::gateway::Tables;
 use newapi_exporter::demo::gateway::{Gateway, LogRow};
-use newapi_exporter::schema::Flavor;
 use serde_json::Value as Json;
 
 const TABLES: [&str; 4] = ["logs", "quota_data", "channels", "options"];
@@ -24,7 +24,7 @@ const TABLES: [&str; 4] = ["logs", "quota_data", "channels", "options"];
 /// hours before it.
 fn fixture(dir: &Path, now: i64) -> std::path::PathBuf {
     let db = dir.join("fixture.db");
-    let mut gw = Gateway::create(&db, Flavor::NewApi).unwrap();
+    let mut gw = Gateway::create(&db, Tables::NewApiOlder).unwrap();
     gw.set_option("QuotaPerUnit", "500000").unwrap();
     gw.set_option("DataExportInterval", "5").unwrap();
     for (id, ty, name, status, balance) in [
@@ -454,4 +454,28 @@ fn an_outage_keeps_the_last_state_and_recovers_without_a_restart() {
             requests_total(&exp.scrape()) == before_total + 1.0
         });
     }
+}
+
+/// `user:@tcp(...)` is how the gateway's MySQL driver spells "no password": it connects as the
+/// user without one. A refused login is said once, with the password masked.
+#[test]
+fn an_empty_mysql_password_connects_and_a_refused_login_is_said_once() {
+    let Some(admin) = admin_dsn(Server::Mysql, "an_empty_mysql_password_connects") else {
+        return;
+    };
+    let db = TestDb::create(Server::Mysql, &admin, "emptypw");
+    let Some((user, rest)) = db.dsn.split_once('@') else {
+        panic!("the test DSN {} has no user part", db.dsn);
+    };
+    let user = user.split(':').next().unwrap();
+    let empty = format!("{user}:@{rest}");
+    let (ok, stdout, stderr) = exporter(&["check", "--sql-dsn", &empty]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("gateway:"), "{stdout}");
+
+    let refused = format!("nobody-{}:S3cr3tPw@{rest}", std::process::id());
+    let (ok, _, stderr) = exporter(&["check", "--sql-dsn", &refused]);
+    assert!(!ok);
+    assert_eq!(stderr.matches("Access denied").count(), 1, "{stderr}");
+    assert!(!stderr.contains("S3cr3tPw"), "{stderr}");
 }

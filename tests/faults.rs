@@ -34,7 +34,7 @@ fn sigterm_stops_within_a_second_even_during_a_cold_start() {
     let db = dir.path().join("one-api.db");
     let gw = newapi_exporter::demo::gateway::Gateway::create(
         &db,
-        newapi_exporter::schema::Flavor::NewApi,
+        newapi_exporter::demo::gateway::Tables::NewApiOlder,
     )
     .unwrap();
     gw.conn

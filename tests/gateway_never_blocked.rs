@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use newapi_exporter::demo::gateway::Tables;
 use newapi_exporter::demo::gateway::{Gateway, gateway_connection};
-use newapi_exporter::schema::Flavor;
 
 const ROWS: i64 = 1_000_000;
 
@@ -17,7 +17,7 @@ const ROWS: i64 = 1_000_000;
 fn a_cold_start_on_a_million_rows_never_blocks_the_gateways_writer() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("one-api.db");
-    let gw = Gateway::create(&db, Flavor::NewApi).unwrap();
+    let gw = Gateway::create(&db, Tables::NewApiOlder).unwrap();
     gw.conn
         .execute_batch(&format!(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS})

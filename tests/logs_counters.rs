@@ -6,13 +6,13 @@ use std::path::Path;
 use crate::common::*;
 use newapi_exporter::demo::Traffic;
 use newapi_exporter::demo::gateway::Gateway;
-use newapi_exporter::schema::Flavor;
+use newapi_exporter::demo::gateway::Tables;
 use rusqlite::{Connection, params};
 
 type Expected = BTreeMap<String, BTreeMap<Labels, f64>>;
 
 /// What the counters must read, computed with plain SQL (one GROUP BY over the whole table).
-fn oracle(db: &Path, flavor: Flavor) -> Expected {
+fn oracle(db: &Path, flavor: Tables) -> Expected {
     let conn = Connection::open(db).unwrap();
     let has = |col: &str| -> bool {
         conn.query_row(
@@ -29,7 +29,7 @@ fn oracle(db: &Path, flavor: Flavor) -> Expected {
         "''"
     };
     let use_time = if has("use_time") { "l.use_time" } else { "0" };
-    let types = if flavor == Flavor::OneApi {
+    let types = if flavor == Tables::OneApi {
         "(2)"
     } else {
         "(2, 5, 6)"
@@ -91,7 +91,7 @@ fn oracle(db: &Path, flavor: Flavor) -> Expected {
     out
 }
 
-fn assert_matches_oracle(samples: &[Sample], db: &Path, flavor: Flavor) {
+fn assert_matches_oracle(samples: &[Sample], db: &Path, flavor: Tables) {
     let expected = oracle(db, flavor);
     assert!(
         expected.contains_key("newapi_requests_total"),
@@ -116,7 +116,7 @@ fn channels(gw: &Gateway) {
 }
 
 /// Realistic traffic from the simulated gateway plus rows that break naive exporters.
-fn fixture(db: &Path, flavor: Flavor, rows: usize) -> Gateway {
+fn fixture(db: &Path, flavor: Tables, rows: usize) -> Gateway {
     let mut gw = Gateway::create(db, flavor).unwrap();
     channels(&gw);
     let mut traffic = Traffic::new(42);
@@ -130,8 +130,8 @@ fn fixture(db: &Path, flavor: Flavor, rows: usize) -> Gateway {
     gw
 }
 
-fn insert_edge_rows(conn: &Connection, flavor: Flavor) {
-    let with_group = flavor == Flavor::NewApi;
+fn insert_edge_rows(conn: &Connection, flavor: Tables) {
+    let with_group = flavor == Tables::NewApiOlder;
     let ins =
         |model: Option<&str>, channel: Option<i64>, group: Option<&str>, ty: i64, quota: i64| {
             if with_group {
@@ -170,7 +170,7 @@ fn insert_edge_rows(conn: &Connection, flavor: Flavor) {
     ins(Some("gpt-4o"), Some(1), Some("default"), 3, 0);
 }
 
-fn run_flavor(flavor: Flavor) {
+fn run_flavor(flavor: Tables) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("one-api.db");
     let gw = fixture(&db, flavor, 2_500);
@@ -205,24 +205,24 @@ fn run_flavor(flavor: Flavor) {
 
 #[test]
 fn counters_match_sql_on_current_new_api() {
-    run_flavor(Flavor::NewApi);
+    run_flavor(Tables::NewApiOlder);
 }
 
 #[test]
 fn counters_match_sql_on_legacy_new_api() {
-    run_flavor(Flavor::NewApiLegacy);
+    run_flavor(Tables::NewApiOlderLogs);
 }
 
 #[test]
 fn counters_match_sql_on_one_api() {
-    run_flavor(Flavor::OneApi);
+    run_flavor(Tables::OneApi);
 }
 
 #[test]
 fn one_api_type_5_is_a_test_not_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("one-api.db");
-    let gw = fixture(&db, Flavor::OneApi, 200);
+    let gw = fixture(&db, Tables::OneApi, 200);
     let tests: i64 = gw
         .conn
         .query_row("SELECT count(*) FROM logs WHERE type = 5", [], |r| r.get(0))
@@ -238,10 +238,10 @@ fn one_api_type_5_is_a_test_not_an_error() {
 fn renamed_channel_relabels_the_series_with_unchanged_totals() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("one-api.db");
-    let gw = fixture(&db, Flavor::NewApi, 500);
+    let gw = fixture(&db, Tables::NewApiOlder, 500);
     let mut exp = InProcess::new(&db);
     let before = exp.poll();
-    assert_matches_oracle(&before, &db, Flavor::NewApi);
+    assert_matches_oracle(&before, &db, Tables::NewApiOlder);
     gw.conn
         .execute(
             "UPDATE channels SET name = 'openai-renamed' WHERE id = 1",
@@ -249,7 +249,7 @@ fn renamed_channel_relabels_the_series_with_unchanged_totals() {
         )
         .unwrap();
     let after = exp.poll();
-    assert_matches_oracle(&after, &db, Flavor::NewApi);
+    assert_matches_oracle(&after, &db, Tables::NewApiOlder);
     let total = |s: &[Sample], name: &str| -> f64 {
         series(s, "newapi_quota_total")
             .iter()
@@ -278,7 +278,7 @@ fn renamed_channel_relabels_the_series_with_unchanged_totals() {
 fn channel_gauges_match_the_channels_table() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("one-api.db");
-    fixture(&db, Flavor::NewApi, 50);
+    fixture(&db, Tables::NewApiOlder, 50);
     let samples = InProcess::new(&db).poll();
     let conn = Connection::open(&db).unwrap();
     let mut stmt = conn
@@ -320,7 +320,7 @@ fn channel_gauges_match_the_channels_table() {
 fn quota_per_unit_follows_options() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("one-api.db");
-    let gw = fixture(&db, Flavor::NewApi, 10);
+    let gw = fixture(&db, Tables::NewApiOlder, 10);
     let mut exp = InProcess::new(&db);
     let s = exp.poll();
     assert_eq!(
@@ -346,7 +346,7 @@ fn quota_per_unit_follows_options() {
 fn rows_read_counts_every_log_row_once() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("one-api.db");
-    fixture(&db, Flavor::NewApi, 1_234);
+    fixture(&db, Tables::NewApiOlder, 1_234);
     let mut exp = InProcess::with_chunk(&db, 97);
     exp.poll();
     let s = exp.poll();

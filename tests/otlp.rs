@@ -11,7 +11,7 @@ use crate::common::*;
 use newapi_exporter::clock::unix_now;
 use newapi_exporter::demo::Traffic;
 use newapi_exporter::demo::gateway::Gateway;
-use newapi_exporter::schema::Flavor;
+use newapi_exporter::demo::gateway::Tables;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
@@ -135,7 +135,7 @@ fn grpc_receiver() -> (tokio::runtime::Runtime, Received, SocketAddr) {
 
 fn fixture(dir: &Path) -> std::path::PathBuf {
     let db = dir.join("one-api.db");
-    let mut gw = Gateway::create(&db, Flavor::NewApi).unwrap();
+    let mut gw = Gateway::create(&db, Tables::NewApiOlder).unwrap();
     gw.add_channel(1, 1, "openai-primary", 1, 10.0, 200, "default", "m")
         .unwrap();
     gw.add_channel(2, 3, "azure", 1, 20.0, 300, "default", "m")

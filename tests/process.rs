@@ -174,7 +174,7 @@ fn bad_input_gives_one_clear_line_and_no_panic() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("schema:   new-api"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("gateway:  new-api"));
 }
 
 #[test]

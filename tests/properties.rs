@@ -5,9 +5,9 @@ use std::path::Path;
 
 use crate::common::*;
 use newapi_exporter::db::dsn::{DbConfig, MysqlNet};
+use newapi_exporter::demo::gateway::Tables;
 use newapi_exporter::demo::gateway::{Gateway, LogRow};
 use newapi_exporter::metrics::Family;
-use newapi_exporter::schema::Flavor;
 use proptest::prelude::*;
 
 fn render(values: &[String]) -> String {
@@ -95,7 +95,7 @@ fn random_model_names_survive_the_whole_path() {
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("one-api.db");
-    let mut gw = Gateway::create(&db, Flavor::NewApi).unwrap();
+    let mut gw = Gateway::create(&db, Tables::NewApiOlder).unwrap();
     for (i, name) in names.iter().enumerate() {
         let row = LogRow {
             user_id: 1,

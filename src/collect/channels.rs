@@ -88,7 +88,9 @@ pub fn channel_type_name(t: i64) -> String {
         55 => "Sora",
         56 => "Replicate",
         57 => "Codex",
-        58 => "KuaiziLizhen",
+        58 => "AdvancedCustom",
+        59 => "Sub2API",
+        60 => "NewAPI",
         _ => return format!("type_{t}"),
     };
     name.to_string()

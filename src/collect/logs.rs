@@ -14,7 +14,7 @@ use prometheus::proto::MetricFamily;
 use super::{Admission, Collector, Context, LabelSettings, OTHER};
 use crate::db::{Database, Dialect, Engine, Sources, Value};
 use crate::metrics::{self as m, Family};
-use crate::reconcile::TimeSpan;
+use crate::reconcile::{PairKey, TimeSpan};
 use crate::schema::{LOG_TYPE_CONSUME, LOG_TYPE_ERROR, LOG_TYPE_REFUND, Schema};
 
 /// Labels of every usage series, in order.
@@ -57,11 +57,15 @@ const GAP_BATCH: usize = 500;
 
 pub struct LogsCollector {
     /// The aggregate statement up to its WHERE condition, built for this schema. Parameters:
-    /// the hour range twice, `select_params`, then the condition's.
+    /// the hour range twice, the consume type with `flags_unmirrored`, the hour range twice more
+    /// with `per_channel`, then the condition's.
     select_sql: String,
-    /// Parameters of the select list after the hour range: the consume type, when the
-    /// unmirrored flag tests it.
-    select_params: Vec<Value>,
+    /// Whether the select list tests the consume type for the unmirrored flag (one parameter
+    /// after the hour ranges).
+    flags_unmirrored: bool,
+    /// Whether rows in range keep the pair's channel, group, token and username (current
+    /// generation: two more hour ranges as parameters).
+    per_channel: bool,
     /// Groups by the labels, the hour, the user and the unmirrored flag.
     group_sql: &'static str,
     /// The same plus the id: one group per row.
@@ -103,8 +107,11 @@ const C_FIRST: usize = 14;
 const C_LATEST: usize = 15;
 /// The smallest id of the group: the row's id when grouping by row.
 const C_ID: usize = 16;
+/// The token id and username of rows in range (current generation; NULL otherwise).
+const C_TOKEN: usize = 17;
+const C_PAIR_USERNAME: usize = 18;
 /// The username, selected and grouped by only with `--labels.user`.
-const C_USERNAME: usize = 17;
+const C_USERNAME: usize = 19;
 
 impl LogsCollector {
     pub fn new(schema: &Schema, dialect: Dialect, labels: &LabelSettings) -> Self {
@@ -120,7 +127,24 @@ impl LogsCollector {
         let in_range = format!("{created} >= ? AND {created} < ?");
         // Async task settlement rows (no tokens, no request id, `pre_consumed_quota` in other)
         // never reach quota_data by design.
-        let has_unmirrored = cols.has("other") && cols.has("request_id");
+        let rules = schema.generation.rules();
+        // Settlement rows of a generation that does not mirror them are flagged apart.
+        let has_unmirrored = cols.has("other")
+            && cols.has("request_id")
+            && rules.is_some_and(|r| !r.settlements_mirrored);
+        // On the current generation, rows in range also keep the token and username that
+        // quota_data keys on (the channel and group are labels already).
+        let per_channel = rules.is_some_and(|r| r.per_channel);
+        let in_range_column = |name: &str| {
+            if per_channel && cols.has(name) {
+                format!(
+                    "CASE WHEN {in_range} THEN {} ELSE NULL END",
+                    d.text_key(&d.ident(name))
+                )
+            } else {
+                "NULL".to_string()
+            }
+        };
         let unmirrored = if has_unmirrored {
             format!(
                 "CASE WHEN {ty} = ? AND {prompt} = 0 AND {completion} = 0 AND COALESCE({rid}, '') = '' \
@@ -137,7 +161,7 @@ impl LogsCollector {
                CASE WHEN {in_range} THEN {created} - {created} % 3600 ELSE NULL END, \
                CASE WHEN {in_range} THEN {user} ELSE NULL END, \
                {unmirrored}, COUNT(*), {pos}, {neg}, {sum_prompt}, {sum_completion}, {use_time}, \
-               {sum_quota}, MIN({created}), MAX({created}), MIN({id}){username} \
+               {sum_quota}, MIN({created}), MAX({created}), MIN({id}), {token}, {pair_user}{username} \
              FROM logs WHERE ",
             model = d.text_key(&d.ident("model_name")),
             channel = cols.or(d, "channel_id", "NULL"),
@@ -149,6 +173,8 @@ impl LogsCollector {
             sum_completion = d.sum_int(&completion),
             use_time = d.sum_int(&cols.or(d, "use_time", "0")),
             sum_quota = d.sum_int(&quota),
+            token = in_range_column("token_id"),
+            pair_user = in_range_column("username"),
             username = if labels.user {
                 format!(", {}", d.text_key(&cols.or(d, "username", "NULL")))
             } else {
@@ -156,17 +182,14 @@ impl LogsCollector {
             },
         );
         let group = if labels.user {
-            " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18"
+            " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18, 19, 20"
         } else {
-            " GROUP BY 1, 2, 3, 4, 5, 6, 7"
+            " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18, 19"
         };
         LogsCollector {
             select_sql,
-            select_params: if has_unmirrored {
-                vec![Value::Int(LOG_TYPE_CONSUME)]
-            } else {
-                Vec::new()
-            },
+            flags_unmirrored: has_unmirrored,
+            per_channel,
             group_sql: group,
             group_by_row_sql: format!("{group}, {id}"),
             id,
@@ -175,7 +198,7 @@ impl LogsCollector {
                 id = d.ident("id")
             ),
             max_id_sql: format!("SELECT MAX({id}) FROM logs", id = d.ident("id")),
-            errors_and_refunds: schema.flavor.has_error_and_refund_logs(),
+            errors_and_refunds: schema.generation.has_error_and_refund_logs(),
             has_use_time: cols.has("use_time"),
             cursor: 0,
             usage: HashMap::new(),
@@ -250,7 +273,14 @@ impl LogsCollector {
             Value::Int(from),
             Value::Int(until),
         ];
-        all.extend_from_slice(&self.select_params);
+        if self.flags_unmirrored {
+            all.push(Value::Int(LOG_TYPE_CONSUME));
+        }
+        if self.per_channel {
+            for _ in 0..2 {
+                all.extend([Value::Int(from), Value::Int(until)]);
+            }
+        }
         all.extend_from_slice(params);
         let group = if by_row {
             self.group_by_row_sql.as_str()
@@ -318,7 +348,19 @@ impl LogsCollector {
                     .widen(span);
             }
             if let Some(hour) = row.get(C_HOUR).and_then(Value::as_i64) {
-                let h = rec.logs_hour(int(C_USER), &model, hour);
+                let pair = if self.per_channel {
+                    PairKey {
+                        user_id: int(C_USER),
+                        model: model.clone(),
+                        channel_id: int(C_CHANNEL),
+                        group: label(C_GROUP),
+                        token_id: int(C_TOKEN),
+                        username: label(C_PAIR_USERNAME),
+                    }
+                } else {
+                    PairKey::user_model(int(C_USER), &model)
+                };
+                let h = rec.logs_hour(pair, hour);
                 let n = rows as i64;
                 if unmirrored {
                     h.unmirrored_requests += n;

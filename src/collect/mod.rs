@@ -37,7 +37,8 @@ pub fn for_schema(
     schema: &Schema,
     settings: &Settings,
 ) -> Vec<Box<dyn Collector>> {
-    let has_quota_data = schema.quota_data.is_some();
+    let rules = schema.generation.rules();
+    let has_quota_data = rules.is_some() && schema.quota_data.is_some();
     let mut collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(OptionsCollector::default()),
         Box::new(ChannelsCollector::default()),
@@ -45,6 +46,7 @@ pub fn for_schema(
     if has_quota_data {
         collectors.push(Box::new(QuotaDataCollector::new(
             src.main().dialect(),
+            rules.is_some_and(|r| r.per_channel),
             settings.labels.max_series,
         )));
     }

@@ -94,6 +94,10 @@ impl Collector for OptionsCollector {
     }
 
     fn render(&self, ctx: &Context, out: &mut Vec<MetricFamily>) {
+        // What the gateway is, beside what it is set to.
+        let mut f = Family::of(&m::GATEWAY_INFO);
+        f.sample(&[("generation", ctx.schema.generation.as_str())], 1.0);
+        f.finish(out);
         let mut f = Family::of(&m::QUOTA_PER_UNIT);
         f.sample(&[], ctx.options.quota_per_unit);
         f.finish(out);

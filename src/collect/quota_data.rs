@@ -18,7 +18,7 @@ use super::{Admission, Collector, Context, OTHER};
 use crate::clock::{HOUR, hour_of};
 use crate::db::{Database, Dialect, Sources, Value};
 use crate::metrics::{self as m, Family};
-use crate::reconcile::{HourKey, QdHour};
+use crate::reconcile::{HourKey, PairKey, QdHour};
 
 /// Hours re-read by one statement.
 const LIVE_CHUNK_HOURS: i64 = 6;
@@ -50,8 +50,21 @@ impl Totals {
     }
 }
 
-/// (hour, user_id, username, model): the gateway's map key, one row per key when healthy.
-type RowKey = (i64, i64, String, String);
+/// (hour, pair, node_name): the gateway's key of one quota_data row, one row per key when
+/// healthy. The pair always carries the username; on the older generation its channel,
+/// group and token stay empty and the node is empty.
+type RowKey = (i64, PairKey, String);
+
+/// The first key of an hour, for splitting the live rows by hour.
+fn first_key(hour: i64) -> RowKey {
+    let pair = PairKey {
+        user_id: i64::MIN,
+        token_id: i64::MIN,
+        channel_id: i64::MIN,
+        ..PairKey::default()
+    };
+    (hour, pair, String::new())
+}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct LiveRow {
@@ -62,6 +75,8 @@ struct LiveRow {
 pub struct QuotaDataCollector {
     frozen_sql: String,
     live_sql: String,
+    /// Rows keyed by all eight columns, and compared per channel (current generation).
+    per_channel: bool,
     max_id_sql: String,
     bounds_sql: String,
     next_id_sql: String,
@@ -82,7 +97,8 @@ pub struct QuotaDataCollector {
 }
 
 impl QuotaDataCollector {
-    pub fn new(dialect: Dialect, max_series: Option<usize>) -> Self {
+    /// With `per_channel` (current generation), rows are keyed by all eight columns.
+    pub fn new(dialect: Dialect, per_channel: bool, max_series: Option<usize>) -> Self {
         let d = dialect;
         let (id, created) = (d.ident("id"), d.ident("created_at"));
         let model = d.text_key(&d.ident("model_name"));
@@ -99,12 +115,27 @@ impl QuotaDataCollector {
                  WHERE {id} BETWEEN ? AND ? AND {created} < ? GROUP BY 1"
             ),
             // Parameters: created_at range.
-            live_sql: format!(
-                "SELECT {created}, {user}, {username}, {model}, {sums} FROM quota_data \
-                 WHERE {created} >= ? AND {created} < ? GROUP BY 1, 2, 3, 4",
-                user = d.ident("user_id"),
-                username = d.text_key(&d.ident("username")),
-            ),
+            live_sql: if per_channel {
+                format!(
+                    "SELECT {created}, {user}, {username}, {model}, {group}, {token}, {channel}, \
+                     {node}, {sums} FROM quota_data WHERE {created} >= ? AND {created} < ? \
+                     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
+                    user = d.ident("user_id"),
+                    username = d.text_key(&d.ident("username")),
+                    group = d.text_key(&d.ident("use_group")),
+                    token = d.ident("token_id"),
+                    channel = d.ident("channel_id"),
+                    node = d.text_key(&d.ident("node_name")),
+                )
+            } else {
+                format!(
+                    "SELECT {created}, {user}, {username}, {model}, '', 0, 0, '', {sums} \
+                     FROM quota_data WHERE {created} >= ? AND {created} < ? GROUP BY 1, 2, 3, 4",
+                    user = d.ident("user_id"),
+                    username = d.text_key(&d.ident("username")),
+                )
+            },
+            per_channel,
             max_id_sql: format!("SELECT MAX({id}) FROM quota_data"),
             next_id_sql: format!("SELECT MIN({id}) FROM quota_data WHERE {id} > ?"),
             // The range to re-read, and a fingerprint of it: the gateway only ever increments
@@ -181,9 +212,7 @@ impl QuotaDataCollector {
         }
         self.live_fingerprint = Some(fingerprint);
         // Hours before `from` keep what was read before; the rest is read again and compared.
-        let before = self
-            .live
-            .split_off(&(from, i64::MIN, String::new(), String::new()));
+        let before = self.live.split_off(&first_key(from));
         let mut live = BTreeMap::new();
         let b = bounds.first();
         let min = b.and_then(|r| r.first()).and_then(Value::as_i64);
@@ -195,14 +224,23 @@ impl QuotaDataCollector {
                 let rows = db.query(&self.live_sql, &[Value::Int(from), Value::Int(to)])?;
                 for r in rows {
                     let n = |i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
-                    let key = (hour_of(n(0)), n(1), r[2].to_label(), r[3].to_label());
-                    ctx.count_rows("quota_data", n(4).max(0) as u64);
+                    let text = |i: usize| r.get(i).map(Value::to_label).unwrap_or_default();
+                    let pair = PairKey {
+                        user_id: n(1),
+                        model: text(3),
+                        channel_id: n(6),
+                        group: text(4),
+                        token_id: n(5),
+                        username: text(2),
+                    };
+                    let key = (hour_of(n(0)), pair, text(7));
+                    ctx.count_rows("quota_data", n(8).max(0) as u64);
                     let e: &mut LiveRow = live.entry(key).or_default();
-                    e.rows += n(4);
+                    e.rows += n(8);
                     e.totals.add(&Totals {
-                        requests: n(5),
-                        quota: n(6),
-                        tokens: n(7),
+                        requests: n(9),
+                        quota: n(10),
+                        tokens: n(11),
                     });
                 }
                 from = to;
@@ -220,10 +258,9 @@ impl QuotaDataCollector {
             return false;
         }
         let moved = self.live.keys().next().is_some_and(|k| k.0 < below);
-        let keep = self
-            .live
-            .split_off(&(below, i64::MIN, String::new(), String::new()));
-        for ((hour, _, _, model), row) in std::mem::replace(&mut self.live, keep) {
+        let keep = self.live.split_off(&first_key(below));
+        for ((hour, pair, _), row) in std::mem::replace(&mut self.live, keep) {
+            let model = pair.model;
             self.frozen
                 .entry(model.clone())
                 .or_default()
@@ -279,6 +316,12 @@ impl Collector for QuotaDataCollector {
         // Per-hour view for the reconciliation, keyed like logs: (user_id, model, hour).
         let rec = &mut ctx.recording;
         rec.has_quota_data = true;
+        rec.per_channel = self.per_channel;
+        rec.hour_from_log_row = ctx
+            .schema
+            .generation
+            .rules()
+            .is_some_and(|r| !r.adjacent_hour_netting);
         let mut qd_hourly: BTreeMap<HourKey, QdHour> = BTreeMap::new();
         rec.qd_model_newest_hour = self
             .frozen_newest_hour
@@ -287,7 +330,8 @@ impl Collector for QuotaDataCollector {
             .collect();
         let mut current: BTreeMap<String, Totals> =
             self.frozen.iter().map(|(m, t)| (m.clone(), *t)).collect();
-        for ((hour, user, _, model), row) in &self.live {
+        for ((hour, pair, _), row) in &self.live {
+            let model = &pair.model;
             current.entry(model.clone()).or_default().add(&row.totals);
             let newest = rec
                 .qd_model_newest_hour
@@ -295,8 +339,16 @@ impl Collector for QuotaDataCollector {
                 .or_insert(*hour);
             *newest = (*newest).max(*hour);
             if *hour < live_until {
+                let compared = if self.per_channel {
+                    pair.clone()
+                } else {
+                    PairKey::user_model(pair.user_id, model)
+                };
                 let q = qd_hourly
-                    .entry(HourKey::new(*user, model, *hour))
+                    .entry(HourKey {
+                        pair: compared,
+                        hour: *hour,
+                    })
                     .or_default();
                 q.rows += row.rows;
                 q.extra_rows += row.rows - 1;

@@ -11,7 +11,9 @@ use prometheus::proto::MetricFamily;
 use super::{Admission, Collector, Context, OTHER};
 use crate::db::Sources;
 use crate::metrics::{self as m, Family};
-use crate::reconcile::{Comparison, IncrementalComparison, Range, Report, lag_seconds};
+use crate::reconcile::{
+    ChannelReport, Comparison, IncrementalComparison, Range, Report, lag_seconds,
+};
 
 /// The recording-health gauges: the reconciliation of the logs and quota_data collectors'
 /// recordings, which run before it.
@@ -23,7 +25,13 @@ pub struct RecordingHealthCollector {
     admission: Admission,
     /// The series each model is shown in (itself, or `__other__`).
     shown_as: HashMap<String, String>,
+    /// Channels beyond the series cap share `channel_id="__other__"`.
+    channel_admission: Admission,
+    /// The channel id label each of the report's channels is shown under, in order.
+    channel_ids: Vec<String>,
     comparison: IncrementalComparison,
+    /// The comparison's last report, before its channels were named.
+    compared: Option<Arc<Report>>,
     /// Hours before this were forgotten by the last prune.
     pruned_below: Option<i64>,
 }
@@ -32,6 +40,7 @@ impl RecordingHealthCollector {
     pub fn new(max_series: Option<usize>) -> Self {
         RecordingHealthCollector {
             admission: Admission::new(max_series),
+            channel_admission: Admission::new(max_series),
             ..RecordingHealthCollector::default()
         }
     }
@@ -62,7 +71,18 @@ impl Collector for RecordingHealthCollector {
             until,
             settled_until: ctx.settled_until(),
         };
-        let report = self.comparison.update(&mut ctx.recording, range);
+        let compared = self.comparison.update(&mut ctx.recording, range);
+        let report = match (&self.compared, &self.report) {
+            // The same comparison as last poll: keep the report already named.
+            (Some(last), Some(named)) if Arc::ptr_eq(last, &compared) => named.clone(),
+            _ if compared.channels.is_empty() => compared.clone(),
+            _ => {
+                let mut named = Report::clone(&compared);
+                named.name_channels(|id| ctx.channel_name(&id.to_string()).to_string());
+                Arc::new(named)
+            }
+        };
+        self.compared = Some(compared);
         let rec = &ctx.recording;
         // Lag over all history (an outage longer than the window still shows in full).
         self.model_lag.clear();
@@ -94,7 +114,22 @@ impl Collector for RecordingHealthCollector {
                 self.shown_as.insert(model.clone(), shown);
             }
         }
-        ctx.folded.insert("reconcile", self.admission.folded());
+        self.channel_ids = report
+            .channels
+            .iter()
+            .map(|c| {
+                let id = c.channel_id.to_string();
+                if self.channel_admission.admit(&id) {
+                    id
+                } else {
+                    OTHER.to_string()
+                }
+            })
+            .collect();
+        ctx.folded.insert(
+            "reconcile",
+            self.admission.folded() + self.channel_admission.folded(),
+        );
         // Hours only leave the range the collectors keep when the window moves (once an hour).
         let keep_from = ctx.hourly_range().0;
         if self.pruned_below != Some(keep_from) {
@@ -137,6 +172,30 @@ impl Collector for RecordingHealthCollector {
             let mut f = Family::of(def);
             for (model, v) in sums {
                 f.sample(&[("model", model)], v as f64);
+            }
+            f.finish(out);
+        }
+        type ChannelField = fn(&ChannelReport) -> i64;
+        let per_channel: [(&m::MetricDef, ChannelField); 3] = [
+            (&m::QUOTA_DATA_CHANNEL_MISSING_QUOTA, |c| c.missing.quota),
+            (&m::QUOTA_DATA_CHANNEL_MISSING_REQUESTS, |c| {
+                c.missing.requests
+            }),
+            (&m::QUOTA_DATA_CHANNEL_EXCESS_QUOTA, |c| c.excess.quota),
+        ];
+        for (def, get) in per_channel {
+            let mut sums: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+            for (c, id) in report.channels.iter().zip(&self.channel_ids) {
+                let key = if id == OTHER {
+                    (OTHER, "")
+                } else {
+                    (id.as_str(), c.channel_name.as_str())
+                };
+                *sums.entry(key).or_default() += get(c);
+            }
+            let mut f = Family::of(def);
+            for ((id, name), v) in sums {
+                f.sample(&[("channel_id", id), ("channel_name", name)], v as f64);
             }
             f.finish(out);
         }

@@ -11,20 +11,44 @@ use anyhow::Result;
 use super::reconcile::{open_db, reconcile_range};
 use crate::cli::BackfillArgs;
 use crate::clock::{HOUR, rfc3339};
-use crate::db::write::{QuotaDataAddition, add_to_quota_data};
+use crate::db::write::{BACKFILL_NODE_NAME, ChannelKey, QuotaDataAddition, add_to_quota_data};
 use crate::db::{Sources, Value};
 use crate::reconcile::Report;
 use crate::schema::LOG_TYPE_CONSUME;
 
-/// Turns the report's deficits into additions, finding the username the gateway keys on: that
-/// of an existing quota_data row for the hour, else that of the hour's logs.
-pub fn plan(src: &mut Sources, report: &Report) -> Result<Vec<QuotaDataAddition>> {
+/// Turns the report's deficits into additions. On the current generation each deficit already
+/// names its whole key (user, username, model, group, token, channel). On the older one the
+/// username the gateway keys on is looked up: that of an existing quota_data row for the hour,
+/// else that of the hour's logs.
+pub fn plan(
+    src: &mut Sources,
+    report: &Report,
+    per_channel: bool,
+) -> Result<Vec<QuotaDataAddition>> {
     let mut fixes = Vec::new();
     for deficit in &report.deficits {
+        if per_channel {
+            let p = &deficit.pair;
+            fixes.push(QuotaDataAddition {
+                hour: deficit.hour,
+                user_id: p.user_id,
+                username: p.username.clone(),
+                model: p.model.clone(),
+                requests: deficit.amount.requests,
+                quota: deficit.amount.quota,
+                tokens: deficit.tokens,
+                channel_key: Some(ChannelKey {
+                    use_group: p.group.clone(),
+                    token_id: p.token_id,
+                    channel_id: p.channel_id,
+                }),
+            });
+            continue;
+        }
         let (h, u, m) = (
             Value::Int(deficit.hour),
-            Value::Int(deficit.user_id),
-            Value::Text(deficit.model.clone()),
+            Value::Int(deficit.pair.user_id),
+            Value::Text(deficit.pair.model.clone()),
         );
         let main = src.main();
         let d = main.dialect();
@@ -71,12 +95,13 @@ pub fn plan(src: &mut Sources, report: &Report) -> Result<Vec<QuotaDataAddition>
         };
         fixes.push(QuotaDataAddition {
             hour: deficit.hour,
-            user_id: deficit.user_id,
+            user_id: deficit.pair.user_id,
             username,
-            model: deficit.model.clone(),
+            model: deficit.pair.model.clone(),
             requests: deficit.amount.requests,
             quota: deficit.amount.quota,
             tokens: deficit.tokens,
+            channel_key: None,
         });
     }
     Ok(fixes)
@@ -94,15 +119,27 @@ pub fn run(args: &BackfillArgs) -> Result<()> {
             rfc3339(r.settled_until)
         );
     }
-    let fixes = plan(&mut src, &r)?;
+    let fixes = plan(&mut src, &r, r.per_channel)?;
     if fixes.is_empty() {
         println!("nothing to write: quota_data has no deficit in the settled hours of this range");
         return Ok(());
     }
-    println!("hour                  user_id  username  model  +requests  +quota  +tokens");
+    println!(
+        "hour                  user_id  username  model  {}+requests  +quota  +tokens",
+        if r.per_channel {
+            "group  token_id  channel_id  "
+        } else {
+            ""
+        }
+    );
     for f in &fixes {
+        let channel = f
+            .channel_key
+            .as_ref()
+            .map(|c| format!("{:?}  {}  {}  ", c.use_group, c.token_id, c.channel_id))
+            .unwrap_or_default();
         println!(
-            "{}  {}  {:?}  {:?}  +{}  +{}  +{}",
+            "{}  {}  {:?}  {:?}  {channel}+{}  +{}  +{}",
             rfc3339(f.hour),
             f.user_id,
             f.username,
@@ -124,5 +161,10 @@ pub fn run(args: &BackfillArgs) -> Result<()> {
     }
     let written = add_to_quota_data(src.main(), &fixes)?;
     println!("wrote {written} quota_data rows: added {req} requests and {quota} quota");
+    if r.per_channel {
+        println!(
+            "(rows written with node_name {BACKFILL_NODE_NAME:?}: no gateway node ever updates them)"
+        );
+    }
     Ok(())
 }

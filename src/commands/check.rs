@@ -10,7 +10,7 @@ pub fn run(args: &DbArgs) -> Result<()> {
     let mut src = open_db(args)?;
     let schema = Schema::detect(&mut src)?;
     println!("database: {}", src.describe());
-    println!("schema:   {}", schema.flavor);
+    println!("gateway:  {}", schema.generation.describe());
     let optional = ["channel_id", "group", "use_time", "other", "request_id"];
     let missing: Vec<_> = optional.iter().filter(|c| !schema.logs.has(c)).collect();
     if !missing.is_empty() {

@@ -113,8 +113,12 @@ impl MysqlDsn {
             Some(at) => (&head[..at], &head[at + 1..]),
             None => ("", head),
         };
+        // `user:@tcp(...)` and `user@tcp(...)` both mean "no password" to the gateway's driver.
         let (user, password) = match creds.find(':') {
-            Some(c) => (creds[..c].to_string(), Some(creds[c + 1..].to_string())),
+            Some(c) => (
+                creds[..c].to_string(),
+                Some(creds[c + 1..].to_string()).filter(|p| !p.is_empty()),
+            ),
             None => (creds.to_string(), None),
         };
         let net = match net.find('(') {
@@ -245,6 +249,9 @@ mod tests {
         let m = mysql("root@unix(/run/mysqld/mysqld.sock)/newapi");
         assert_eq!(m.net, MysqlNet::Unix("/run/mysqld/mysqld.sock".into()));
         assert_eq!(m.password, None);
+        let m = mysql("root:@tcp(127.0.0.1:3306)/test");
+        assert_eq!(m.user, "root");
+        assert_eq!(m.password, None, "an empty password is no password");
 
         let m = mysql("u:p@tcp(db)/x");
         assert_eq!(

@@ -14,7 +14,7 @@ pub mod write;
 use std::future::Future;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
 pub use dialect::{Dialect, Engine};
 use dsn::DbConfig;
@@ -195,11 +195,18 @@ where
                 POOL_ACQUIRE_TIMEOUT.as_secs()
             )
         })?
-        .with_context(|| format!("cannot connect to {describe}"))?;
+        // sqlx's database error repeats its own text as its source: show it once.
+        .map_err(|e| anyhow::anyhow!("cannot connect to {describe}: {e}"))?;
     let limit = Duration::from_secs(STATEMENT_TIMEOUT_SECS + 5);
     tokio::time::timeout(limit, call(conn))
         .await
         .map_err(|_| anyhow::anyhow!("{describe} did not answer within {}s", limit.as_secs()))?
+}
+
+/// A driver error with what it was doing. sqlx's database errors name their own text again as
+/// their source, so the chain would print it twice: only the error's own text is kept.
+pub(crate) fn once(e: sqlx::Error, doing: String) -> anyhow::Error {
+    anyhow::anyhow!("{doing}: {e}")
 }
 
 /// Masks the password in a connection string for display (`user:***@host`).

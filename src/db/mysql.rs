@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use sqlx::mysql::{
     MySql, MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow, MySqlSslMode,
 };
@@ -77,7 +77,7 @@ impl MysqlDb {
                     })
                     .connect_with(opts),
             )
-            .with_context(|| format!("cannot connect to {describe}"))?;
+            .map_err(|e| super::once(e, format!("cannot connect to {describe}")))?;
         Ok(MysqlDb { rt, pool, describe })
     }
 }
@@ -141,7 +141,7 @@ impl Database for MysqlDb {
                 let rows = super::bind_values!(sqlx::query(AssertSqlSafe(sql)), params)
                     .fetch_all(&mut *conn)
                     .await
-                    .with_context(|| format!("{describe}: {sql}"))?;
+                    .map_err(|e| super::once(e, format!("{describe}: {sql}")))?;
                 rows.iter().map(decode).collect()
             },
         ))

@@ -3,7 +3,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 // Statements are built only from constants and quoted identifiers; every value is bound as a
 // parameter, so asserting them SQL-safe is sound.
@@ -40,7 +40,7 @@ impl PostgresDb {
                     .idle_timeout(super::POOL_IDLE_TIMEOUT)
                     .connect_with(opts),
             )
-            .with_context(|| format!("cannot connect to {describe}"))?;
+            .map_err(|e| super::once(e, format!("cannot connect to {describe}")))?;
         Ok(PostgresDb { rt, pool, describe })
     }
 }
@@ -113,7 +113,7 @@ impl Database for PostgresDb {
                 let rows = super::bind_values!(sqlx::query(AssertSqlSafe(sql.as_str())), params)
                     .fetch_all(&mut *conn)
                     .await
-                    .with_context(|| format!("{describe}: {sql}"))?;
+                    .map_err(|e| super::once(e, format!("{describe}: {sql}")))?;
                 rows.iter().map(decode).collect()
             },
         ))

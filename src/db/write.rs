@@ -19,13 +19,29 @@ pub struct QuotaDataAddition {
     pub requests: i64,
     pub quota: i64,
     pub tokens: i64,
+    /// The rest of the key on the current generation; `None` on the older one.
+    pub channel_key: Option<ChannelKey>,
 }
+
+/// The key columns the current generation adds: the exporter's rows carry their own node name,
+/// so no gateway node's flush ever updates them, and they never change a row a node wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelKey {
+    pub use_group: String,
+    pub token_id: i64,
+    pub channel_id: i64,
+}
+
+/// The `node_name` of every row backfill writes on the current generation.
+pub const BACKFILL_NODE_NAME: &str = "newapi-exporter-backfill";
 
 /// Writes the additions into the gateway's main database (where quota_data lives), one
 /// transaction per hour. Like the gateway's flush, an existing row is incremented in place
-/// (the lowest id when several nodes created duplicates), otherwise a row is inserted. Returns
-/// the number of rows written.
+/// (the lowest id when several nodes created duplicates), otherwise a row is inserted; on the
+/// current generation only rows of [`BACKFILL_NODE_NAME`] are ever incremented. Returns the
+/// number of rows written.
 pub fn add_to_quota_data(db: &mut dyn Database, additions: &[QuotaDataAddition]) -> Result<usize> {
+    let per_channel = additions.iter().any(|a| a.channel_key.is_some());
     let d = db.dialect();
     let q = |c: &str| d.ident(c);
     let set = format!(
@@ -36,13 +52,25 @@ pub fn add_to_quota_data(db: &mut dyn Database, additions: &[QuotaDataAddition])
     );
     // Text compared byte for byte, as the reconciliation groups them (MySQL's usual
     // collations would otherwise match `GPT-4o` to a `gpt-4o` row).
-    let key = format!(
+    let mut key = format!(
         "{} = ? AND {} AND {} AND {} = ?",
         q("user_id"),
         d.text_eq(&q("username")),
         d.text_eq(&q("model_name")),
         q("created_at")
     );
+    let mut columns = vec!["user_id", "username", "model_name", "created_at"];
+    if per_channel {
+        key.push_str(&format!(
+            " AND {} AND {} = ? AND {} = ? AND {}",
+            d.text_eq(&q("use_group")),
+            q("token_id"),
+            q("channel_id"),
+            d.text_eq(&q("node_name")),
+        ));
+        columns.extend(["use_group", "token_id", "channel_id", "node_name"]);
+    }
+    columns.extend(["token_used", "count", "quota"]);
     let update = match d.0 {
         // MySQL cannot select from the table it updates, but can order and limit the update.
         Engine::Mysql => format!(
@@ -55,14 +83,9 @@ pub fn add_to_quota_data(db: &mut dyn Database, additions: &[QuotaDataAddition])
         ),
     };
     let insert = format!(
-        "INSERT INTO quota_data ({}, {}, {}, {}, {}, {}, {}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        q("user_id"),
-        q("username"),
-        q("model_name"),
-        q("created_at"),
-        q("token_used"),
-        q("count"),
-        q("quota"),
+        "INSERT INTO quota_data ({}) VALUES ({})",
+        columns.iter().map(|c| q(c)).collect::<Vec<_>>().join(", "),
+        vec!["?"; columns.len()].join(", "),
     );
     let mut by_hour: BTreeMap<i64, Vec<&QuotaDataAddition>> = BTreeMap::new();
     for f in additions {
@@ -73,12 +96,20 @@ pub fn add_to_quota_data(db: &mut dyn Database, additions: &[QuotaDataAddition])
         let items: Vec<(Vec<Value>, Vec<Value>)> = fixes
             .iter()
             .map(|f| {
-                let key = [
+                let mut key = vec![
                     Value::Int(f.user_id),
                     Value::Text(f.username.clone()),
                     Value::Text(f.model.clone()),
                     Value::Int(hour),
                 ];
+                if let Some(c) = &f.channel_key {
+                    key.extend([
+                        Value::Text(c.use_group.clone()),
+                        Value::Int(c.token_id),
+                        Value::Int(c.channel_id),
+                        Value::Text(BACKFILL_NODE_NAME.to_string()),
+                    ]);
+                }
                 let amounts = [
                     Value::Int(f.requests),
                     Value::Int(f.quota),
@@ -86,7 +117,7 @@ pub fn add_to_quota_data(db: &mut dyn Database, additions: &[QuotaDataAddition])
                 ];
                 let mut update = amounts.to_vec();
                 update.extend(key.iter().cloned());
-                let mut insert = key.to_vec();
+                let mut insert = key;
                 insert.extend([
                     Value::Int(f.tokens),
                     Value::Int(f.requests),

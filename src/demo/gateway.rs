@@ -11,11 +11,50 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::clock::hour_of;
 use crate::db::sqlite::GATEWAY_BUSY_TIMEOUT;
-use crate::schema::{Flavor, LOG_TYPE_CONSUME};
+use crate::schema::{Generation, LOG_TYPE_CONSUME};
 
-/// `logs` and `quota_data` as new-api (2026) creates them in SQLite.
-pub const NEWAPI_DDL: &str = r#"
+/// Which of the gateway's table layouts the simulated gateway creates, and so by which
+/// generation's rules it records billing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tables {
+    /// new-api since 2026-06-20: `quota_data` keyed by eight columns.
+    NewApiCurrent,
+    /// new-api before 2026-06-20, with every `logs` column of 2026.
+    NewApiOlder,
+    /// new-api before `group`, `ip`, `request_id`, `other`, `use_time`, `is_stream` were added
+    /// to `logs`.
+    NewApiOlderLogs,
+    OneApi,
+}
+
+impl Tables {
+    pub fn generation(self) -> Generation {
+        match self {
+            Tables::NewApiCurrent => Generation::NewApiCurrent,
+            Tables::NewApiOlder | Tables::NewApiOlderLogs => Generation::NewApiOlder,
+            Tables::OneApi => Generation::OneApi,
+        }
+    }
+
+    fn ddl(self) -> String {
+        match self {
+            Tables::NewApiCurrent => format!("{NEWAPI_LOGS_DDL}{NEWAPI_CURRENT_QUOTA_DATA_DDL}"),
+            Tables::NewApiOlder => format!("{NEWAPI_LOGS_DDL}{NEWAPI_OLDER_QUOTA_DATA_DDL}"),
+            Tables::NewApiOlderLogs => NEWAPI_LEGACY_DDL.to_string(),
+            Tables::OneApi => ONEAPI_DDL.to_string(),
+        }
+    }
+
+    /// Whether `logs` has the columns new-api added in 2025-2026.
+    fn full_logs(self) -> bool {
+        matches!(self, Tables::NewApiCurrent | Tables::NewApiOlder)
+    }
+}
+
+/// `logs` as new-api (2026) creates it in SQLite.
+pub const NEWAPI_LOGS_DDL: &str = r#"
 CREATE TABLE `logs` (`id` integer,`user_id` integer,`created_at` integer,`type` integer,`content` text,
  `username` text DEFAULT "",`token_name` text DEFAULT "",`model_name` text DEFAULT "",`quota` integer DEFAULT 0,
  `prompt_tokens` integer DEFAULT 0,`completion_tokens` integer DEFAULT 0,`use_time` integer DEFAULT 0,
@@ -24,6 +63,20 @@ CREATE TABLE `logs` (`id` integer,`user_id` integer,`created_at` integer,`type` 
  `other` text,PRIMARY KEY (`id`));
 CREATE INDEX `idx_created_at_type` ON `logs`(`created_at`,`type`);
 CREATE INDEX `idx_logs_model_name` ON `logs`(`model_name`);
+"#;
+
+/// `quota_data` of the current generation (2026-06-20 on), in SQLite.
+pub const NEWAPI_CURRENT_QUOTA_DATA_DDL: &str = r#"
+CREATE TABLE `quota_data` (`id` integer,`user_id` integer,`username` text DEFAULT "",`model_name` text DEFAULT "",
+ `created_at` integer,`use_group` text DEFAULT "",`token_id` integer DEFAULT 0,`channel_id` integer DEFAULT 0,
+ `node_name` text DEFAULT "",`token_used` integer DEFAULT 0,`count` integer DEFAULT 0,`quota` integer DEFAULT 0,
+ PRIMARY KEY (`id`));
+CREATE INDEX `idx_qdt_created_at` ON `quota_data`(`created_at`);
+CREATE INDEX `idx_qdt_model_user_name` ON `quota_data`(`model_name`,`username`);
+"#;
+
+/// `quota_data` of the older generation, in SQLite.
+pub const NEWAPI_OLDER_QUOTA_DATA_DDL: &str = r#"
 CREATE TABLE `quota_data` (`id` integer,`user_id` integer,`username` text DEFAULT "",`model_name` text DEFAULT "",
  `created_at` integer,`token_used` integer DEFAULT 0,`count` integer DEFAULT 0,`quota` integer DEFAULT 0,PRIMARY KEY (`id`));
 CREATE INDEX `idx_qdt_created_at` ON `quota_data`(`created_at`);
@@ -81,6 +134,7 @@ pub struct LogRow {
     pub group: String,
     pub request_id: String,
     pub other: String,
+    pub token_id: i64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -90,13 +144,27 @@ struct Pending {
     tokens: i64,
 }
 
-/// Key of the gateway's in-memory quota map: (user_id, username, model_name, hour).
-type MapKey = (i64, String, String, i64);
+/// Key of the gateway's in-memory quota map. The older generation keys by user, username,
+/// model and hour only (the other fields stay empty).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct MapKey {
+    user_id: i64,
+    username: String,
+    model: String,
+    hour: i64,
+    group: String,
+    token_id: i64,
+    channel_id: i64,
+}
 
 pub struct Gateway {
     pub conn: Connection,
-    flavor: Flavor,
+    tables: Tables,
     map: BTreeMap<MapKey, Pending>,
+    /// The node's `NODE_NAME` (current generation: part of each quota_data row's key).
+    pub node_name: String,
+    /// Channels whose map entries are dropped at every flush: a silent insert failure.
+    pub lost_channels: Vec<i64>,
 }
 
 /// Opens a connection with the gateway's own settings.
@@ -108,29 +176,26 @@ pub fn gateway_connection(path: &Path) -> Result<Connection> {
 
 impl Gateway {
     /// Creates the gateway's tables in a new database file.
-    pub fn create(path: &Path, flavor: Flavor) -> Result<Self> {
+    pub fn create(path: &Path, tables: Tables) -> Result<Self> {
         let conn = gateway_connection(path)?;
-        let ddl = match flavor {
-            Flavor::NewApi => NEWAPI_DDL,
-            Flavor::NewApiLegacy => NEWAPI_LEGACY_DDL,
-            Flavor::OneApi => ONEAPI_DDL,
-        };
-        conn.execute_batch(ddl)?;
+        conn.execute_batch(&tables.ddl())?;
         conn.execute_batch(COMMON_DDL)?;
-        Ok(Gateway {
+        Ok(Self::on(conn, tables))
+    }
+
+    fn on(conn: Connection, tables: Tables) -> Self {
+        Gateway {
             conn,
-            flavor,
+            tables,
             map: BTreeMap::new(),
-        })
+            node_name: "node-1".to_string(),
+            lost_channels: Vec::new(),
+        }
     }
 
     /// Opens an existing database that [`Gateway::create`] made.
-    pub fn open(path: &Path, flavor: Flavor) -> Result<Self> {
-        Ok(Gateway {
-            conn: gateway_connection(path)?,
-            flavor,
-            map: BTreeMap::new(),
-        })
+    pub fn open(path: &Path, tables: Tables) -> Result<Self> {
+        Ok(Self::on(gateway_connection(path)?, tables))
     }
 
     pub fn set_option(&self, key: &str, value: &str) -> Result<()> {
@@ -164,25 +229,25 @@ impl Gateway {
 
     /// Writes one log row. With `feed_quota_data`, a consume row also goes into the map the way
     /// the gateway's `LogQuotaData` does; `hour_of` is the clock reading the gateway would take
-    /// (normally the row's own time).
+    /// (normally the row's own time); the current generation always takes the row's own hour.
     pub fn record(&mut self, row: &LogRow, feed_quota_data: bool, hour_of: i64) -> Result<i64> {
-        let id = match self.flavor {
-            Flavor::NewApi => {
+        let id = match self.tables.full_logs() {
+            true => {
                 self.conn.execute(
                     "INSERT INTO logs (user_id, created_at, type, content, username, token_name, model_name,
                        quota, prompt_tokens, completion_tokens, use_time, is_stream, channel_id, `group`,
-                       request_id, other)
-                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
+                       request_id, other, token_id)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)",
                     params![
                         row.user_id, row.created_at, row.log_type, row.content, row.username,
                         row.token_name, row.model_name, row.quota, row.prompt_tokens,
                         row.completion_tokens, row.use_time, row.is_stream, row.channel_id,
-                        row.group, row.request_id, row.other
+                        row.group, row.request_id, row.other, row.token_id
                     ],
                 )?;
                 self.conn.last_insert_rowid()
             }
-            Flavor::NewApiLegacy | Flavor::OneApi => {
+            false => {
                 self.conn.execute(
                     "INSERT INTO logs (user_id, created_at, type, content, username, token_name, model_name,
                        quota, prompt_tokens, completion_tokens, channel_id)
@@ -196,21 +261,37 @@ impl Gateway {
                 self.conn.last_insert_rowid()
             }
         };
-        if feed_quota_data && row.log_type == LOG_TYPE_CONSUME && self.flavor != Flavor::OneApi {
-            self.feed(
-                row.user_id,
-                &row.username,
-                &row.model_name,
-                hour_of,
-                1,
-                row.quota,
-                row.prompt_tokens + row.completion_tokens,
-            );
+        if feed_quota_data && row.log_type == LOG_TYPE_CONSUME && self.tables != Tables::OneApi {
+            self.feed_row(row, hour_of);
         }
         Ok(id)
     }
 
+    /// Adds one consume row to the in-memory map: keyed by the generation's columns, in the
+    /// hour of `t` (older generation: a clock reading) or of the row itself (current).
+    pub fn feed_row(&mut self, row: &LogRow, t: i64) {
+        let current = self.tables == Tables::NewApiCurrent;
+        let key = MapKey {
+            user_id: row.user_id,
+            username: row.username.clone(),
+            model: row.model_name.clone(),
+            hour: hour_of(if current { row.created_at } else { t }),
+            group: if current {
+                row.group.clone()
+            } else {
+                String::new()
+            },
+            token_id: if current { row.token_id } else { 0 },
+            channel_id: if current { row.channel_id } else { 0 },
+        };
+        let p = self.map.entry(key).or_default();
+        p.count += 1;
+        p.quota += row.quota;
+        p.tokens += row.prompt_tokens + row.completion_tokens;
+    }
+
     /// Adds to the in-memory quota map (the gateway's `LogQuotaData`); `t` is the clock reading.
+    /// On the current generation the entry has no group, token or channel.
     #[allow(clippy::too_many_arguments)]
     pub fn feed(
         &mut self,
@@ -222,12 +303,15 @@ impl Gateway {
         quota: i64,
         tokens: i64,
     ) {
-        let key = (
+        let key = MapKey {
             user_id,
-            username.to_string(),
-            model.to_string(),
-            t - t.rem_euclid(3600),
-        );
+            username: username.to_string(),
+            model: model.to_string(),
+            hour: hour_of(t),
+            group: String::new(),
+            token_id: 0,
+            channel_id: 0,
+        };
         let p = self.map.entry(key).or_default();
         p.count += count;
         p.quota += quota;
@@ -240,29 +324,55 @@ impl Gateway {
     }
 
     /// Flushes the map into `quota_data` like the gateway's `SaveQuotaDataCache`: increment the
-    /// row for the key in place, or insert a new one.
+    /// row for the key in place, or insert a new one. Entries of `lost_channels` are dropped.
     pub fn flush(&mut self) -> Result<()> {
         let pending = std::mem::take(&mut self.map);
-        for ((user_id, username, model, hour), p) in pending {
-            let existing: Option<i64> = self
-                .conn
-                .query_row(
-                    "SELECT id FROM quota_data WHERE user_id = ?1 AND username = ?2 AND model_name = ?3
-                     AND created_at = ?4 LIMIT 1",
-                    params![user_id, username, model, hour],
-                    |r| r.get(0),
-                )
-                .optional()?;
+        for (k, p) in pending {
+            if self.lost_channels.contains(&k.channel_id) {
+                continue;
+            }
+            let existing: Option<i64> = if self.tables == Tables::NewApiCurrent {
+                self.conn
+                    .query_row(
+                        "SELECT id FROM quota_data WHERE user_id = ?1 AND username = ?2 AND model_name = ?3
+                         AND created_at = ?4 AND use_group = ?5 AND token_id = ?6 AND channel_id = ?7
+                         AND node_name = ?8 LIMIT 1",
+                        params![
+                            k.user_id, k.username, k.model, k.hour, k.group, k.token_id,
+                            k.channel_id, self.node_name
+                        ],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+            } else {
+                self.conn
+                    .query_row(
+                        "SELECT id FROM quota_data WHERE user_id = ?1 AND username = ?2 AND model_name = ?3
+                         AND created_at = ?4 LIMIT 1",
+                        params![k.user_id, k.username, k.model, k.hour],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+            };
             match existing {
                 Some(id) => self.conn.execute(
                     "UPDATE quota_data SET count = count + ?1, quota = quota + ?2, token_used = token_used + ?3
                      WHERE id = ?4",
                     params![p.count, p.quota, p.tokens, id],
                 )?,
+                None if self.tables == Tables::NewApiCurrent => self.conn.execute(
+                    "INSERT INTO quota_data (user_id, username, model_name, created_at, use_group, token_id,
+                       channel_id, node_name, token_used, count, quota)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                    params![
+                        k.user_id, k.username, k.model, k.hour, k.group, k.token_id, k.channel_id,
+                        self.node_name, p.tokens, p.count, p.quota
+                    ],
+                )?,
                 None => self.conn.execute(
                     "INSERT INTO quota_data (user_id, username, model_name, created_at, token_used, count, quota)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![user_id, username, model, hour, p.tokens, p.count, p.quota],
+                    params![k.user_id, k.username, k.model, k.hour, p.tokens, p.count, p.quota],
                 )?,
             };
         }

@@ -15,8 +15,8 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 
 use super::gateway::Gateway;
+use super::gateway::Tables;
 use crate::clock::unix_now;
-use crate::schema::Flavor;
 
 /// (model, quota per token x1000, share of traffic in per mille, first channel, channels)
 const MODELS: &[(&str, i64, i64, i64, i64)] = &[
@@ -61,7 +61,7 @@ pub fn generate(path: &Path, rows: i64, days: i64) -> Result<()> {
     if path.exists() {
         bail!("{} exists; generate writes a new database", path.display());
     }
-    let gw = Gateway::create(path, Flavor::NewApi)?;
+    let gw = Gateway::create(path, Tables::NewApiOlder)?;
     gw.set_option("QuotaPerUnit", "500000")?;
     for (id, ty, name) in [
         (1, 1, "openai-1"),

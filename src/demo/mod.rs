@@ -19,8 +19,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::clock::unix_now;
-use crate::schema::Flavor;
-use gateway::{Gateway, LogRow};
+use gateway::{Gateway, LogRow, Tables};
 
 /// The model the incident was about: its logs bypass the quota_data map.
 pub const INCIDENT_MODEL: &str = "coze-workflow-async";
@@ -198,7 +197,7 @@ impl Traffic {
 /// Creates a demo database with `history` of past traffic (one request every ~10 s), flushed
 /// into quota_data the way the gateway would have.
 pub fn create(path: &Path, history: Duration, seed: u64) -> Result<()> {
-    let mut gw = Gateway::create(path, Flavor::NewApi)?;
+    let mut gw = Gateway::create(path, Tables::NewApiOlder)?;
     gw.set_option("QuotaPerUnit", "500000")?;
     gw.set_option("DataExportEnabled", "true")?;
     gw.set_option(
@@ -252,7 +251,7 @@ pub fn create(path: &Path, history: Duration, seed: u64) -> Result<()> {
 /// Writes live traffic at `rate` requests per second until `stop` is set, one short
 /// transaction per statement as the gateway does, flushing quota_data every interval.
 pub fn write_live(path: &Path, rate: f64, stop: Arc<AtomicBool>, seed: u64) -> Result<()> {
-    let mut gw = Gateway::open(path, Flavor::NewApi)?;
+    let mut gw = Gateway::open(path, Tables::NewApiOlder)?;
     let mut traffic = Traffic::new(seed);
     let flush_every = Duration::from_secs(DEMO_EXPORT_INTERVAL_MINUTES as u64 * 60);
     let mut last_flush = Instant::now();

@@ -195,10 +195,38 @@ pub const QUOTA_DATA_UNMIRRORED_QUOTA: MetricDef = MetricDef {
 };
 pub const QUOTA_DATA_DUPLICATE_ROWS: MetricDef = MetricDef {
     name: "newapi_quota_data_duplicate_rows",
-    help: "quota_data rows of settled hours in the window beyond the first for the same (hour, user, username, model).",
+    help: "quota_data rows of settled hours in the window beyond the first for the same key (the gateway generation's key: eight columns on current new-api, (hour, user, username, model) before).",
     kind: Kind::Gauge,
     otel_name: "newapi.quota_data.duplicate_rows",
     otel_unit: "{row}",
+};
+pub const QUOTA_DATA_CHANNEL_MISSING_QUOTA: MetricDef = MetricDef {
+    name: "newapi_quota_data_channel_missing_quota",
+    help: "Quota billed in logs on a channel but missing from quota_data, over settled hours in the window (current new-api only).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.channel.missing.quota",
+    otel_unit: "{quota}",
+};
+pub const QUOTA_DATA_CHANNEL_MISSING_REQUESTS: MetricDef = MetricDef {
+    name: "newapi_quota_data_channel_missing_requests",
+    help: "Consume log rows on a channel missing from quota_data's count, over settled hours in the window (current new-api only).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.channel.missing.requests",
+    otel_unit: "{request}",
+};
+pub const QUOTA_DATA_CHANNEL_EXCESS_QUOTA: MetricDef = MetricDef {
+    name: "newapi_quota_data_channel_excess_quota",
+    help: "Quota in quota_data on a channel beyond what its logs billed, over settled hours in the window (current new-api only).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.quota_data.channel.excess.quota",
+    otel_unit: "{quota}",
+};
+pub const GATEWAY_INFO: MetricDef = MetricDef {
+    name: "newapi_gateway_info",
+    help: "Constant 1; generation is the gateway generation detected from the tables (one-api, new-api-older, new-api-current).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.gateway.info",
+    otel_unit: "1",
 };
 pub const QUOTA_DATA_SETTLED_UNTIL_TIMESTAMP_SECONDS: MetricDef = MetricDef {
     name: "newapi_quota_data_settled_until_timestamp_seconds",
@@ -314,6 +342,10 @@ pub const ALL: &[MetricDef] = &[
     QUOTA_DATA_EXCESS_REQUESTS,
     QUOTA_DATA_UNMIRRORED_QUOTA,
     QUOTA_DATA_DUPLICATE_ROWS,
+    QUOTA_DATA_CHANNEL_MISSING_QUOTA,
+    QUOTA_DATA_CHANNEL_MISSING_REQUESTS,
+    QUOTA_DATA_CHANNEL_EXCESS_QUOTA,
+    GATEWAY_INFO,
     QUOTA_DATA_SETTLED_UNTIL_TIMESTAMP_SECONDS,
     UP,
     EXPORTER_BUILD_INFO,

@@ -21,7 +21,7 @@ use crate::db::dsn::DbConfig;
 use crate::db::{self, Sources};
 use crate::metrics::{EXPORTER_SERIES_FOLDED_TOTAL, Family};
 use crate::reconcile::Report;
-use crate::schema::Flavor;
+use crate::schema::Generation;
 use health::Health;
 pub use pipeline::{CollectorRun, Pipeline};
 
@@ -54,7 +54,7 @@ pub trait Publish {
 #[derive(Debug, Clone, Default)]
 pub struct Status {
     pub database: String,
-    pub flavor: Option<Flavor>,
+    pub generation: Option<Generation>,
     pub last_poll: Option<SystemTime>,
     pub last_error: Option<String>,
     pub logs_cursor: i64,
@@ -169,7 +169,7 @@ impl Poller {
 
     fn render(&mut self, last_poll: Option<SystemTime>) -> PollOutput {
         let mut families = Vec::new();
-        let mut flavor = None;
+        let mut generation = None;
         let mut cursor = 0;
         let mut report = None;
         if let Some(p) = &mut self.pipeline {
@@ -181,7 +181,7 @@ impl Poller {
                     c.render(&p.ctx, &mut families);
                 }
             }
-            flavor = Some(p.ctx.schema.flavor);
+            generation = Some(p.ctx.schema.generation);
             report = p.ctx.report.clone();
             cursor = p.ctx.logs_cursor;
         }
@@ -200,7 +200,7 @@ impl Poller {
             families,
             status: Status {
                 database: self.database.clone(),
-                flavor,
+                generation,
                 last_poll,
                 last_error: self.outage.clone(),
                 logs_cursor: cursor,

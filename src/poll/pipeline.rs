@@ -33,7 +33,7 @@ impl Pipeline {
         let schema = Schema::detect(src)?;
         tracing::info!(
             database = %src.describe(),
-            flavor = %schema.flavor,
+            generation = %schema.generation,
             "gateway schema detected"
         );
         let collectors = collect::for_schema(src, &schema, &settings);

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::recording::{HourKey, LogsHour, PairKey, QdHour, Recording};
-use super::report::{Amount, Comparison, Deficit, ModelReport, Report};
+use super::report::{Amount, ChannelReport, Comparison, Deficit, ModelReport, Report};
 use crate::clock::{HOUR, hour_of};
 
 /// Lag of quota_data behind logs: newest mirrored log minus the end of the newest quota_data
@@ -74,29 +74,30 @@ pub fn reconcile(rec: &Recording, since: i64, until: i64, settled_until: i64) ->
         until,
         settled_until,
     };
-    assemble(&compare_all(rec, range), range)
+    assemble(&compare_all(rec, range), range, rec.per_channel)
 }
 
 /// Compares every (user, model) pair of the recording.
 pub fn compare_all(rec: &Recording, range: Range) -> BTreeMap<PairKey, PairResult> {
-    let pairs: BTreeSet<(i64, &str)> = rec
+    let pairs: BTreeSet<&PairKey> = rec
         .logs_hourly
         .keys()
         .chain(rec.qd_hourly.keys())
-        .map(|k| (k.user_id, k.model.as_str()))
+        .map(|k| &k.pair)
         .collect();
     pairs
         .into_iter()
-        .filter_map(|(user, model)| {
-            let key = (user, model.to_string());
-            compare_one(rec, &key, range).map(|r| (key, r))
-        })
+        .filter_map(|key| compare_one(rec, key, range).map(|r| (key.clone(), r)))
         .collect()
 }
 
 /// Compares one (user, model) pair from the recording's current hours.
 pub fn compare_one(rec: &Recording, key: &PairKey, range: Range) -> Option<PairResult> {
-    let bounds = HourKey::new(key.0, &key.1, i64::MIN)..=HourKey::new(key.0, &key.1, i64::MAX);
+    let at = |hour| HourKey {
+        pair: key.clone(),
+        hour,
+    };
+    let bounds = at(i64::MIN)..=at(i64::MAX);
     let l: Vec<(i64, &LogsHour)> = rec
         .logs_hourly
         .range(bounds.clone())
@@ -107,7 +108,7 @@ pub fn compare_one(rec: &Recording, key: &PairKey, range: Range) -> Option<PairR
         .range(bounds)
         .map(|(k, v)| (k.hour, v))
         .collect();
-    compare_pair(&l, &q, range)
+    compare_pair(&l, &q, range, !rec.hour_from_log_row)
 }
 
 /// Compares the hours of one (user, model), each side ordered by hour; `None` when nothing of
@@ -116,6 +117,7 @@ fn compare_pair(
     logs: &[(i64, &LogsHour)],
     qd: &[(i64, &QdHour)],
     range: Range,
+    net_adjacent_hours: bool,
 ) -> Option<PairResult> {
     let mut r = PairResult::default();
     let mut hours: Vec<(i64, HourDiff)> = Vec::new();
@@ -174,8 +176,10 @@ fn compare_pair(
         d.tokens -= q.tokens;
     }
     hours.sort_unstable_by_key(|(h, _)| *h);
-    net_adjacent(&mut hours, |d| &mut d.requests, |d| d.logged_requests);
-    net_adjacent(&mut hours, |d| &mut d.quota, |d| d.logged_quota);
+    if net_adjacent_hours {
+        net_adjacent(&mut hours, |d| &mut d.requests, |d| d.logged_requests);
+        net_adjacent(&mut hours, |d| &mut d.quota, |d| d.logged_quota);
+    }
     for (h, d) in &hours {
         if !range.counted(*h) {
             continue;
@@ -201,12 +205,20 @@ fn compare_pair(
 }
 
 /// Sums the pairs into the per-model and total report.
-pub fn assemble(pairs: &BTreeMap<PairKey, PairResult>, range: Range) -> Report {
+/// With `per_channel`, also per channel (the pairs carry it).
+pub fn assemble(pairs: &BTreeMap<PairKey, PairResult>, range: Range, per_channel: bool) -> Report {
     // Keyed by borrowed names: this runs every poll that changed anything.
     let mut models: BTreeMap<&str, (Comparison, Option<i64>)> = BTreeMap::new();
     let mut deficits = Vec::new();
-    for ((user, model), p) in pairs {
-        let (cmp, first) = models.entry(model.as_str()).or_default();
+    let mut channels: BTreeMap<i64, ChannelReport> = BTreeMap::new();
+    for (pair, p) in pairs {
+        if per_channel {
+            let c = channels.entry(pair.channel_id).or_default();
+            c.channel_id = pair.channel_id;
+            c.missing.add(&p.cmp.missing);
+            c.excess.add(&p.cmp.excess);
+        }
+        let (cmp, first) = models.entry(pair.model.as_str()).or_default();
         cmp.add(&p.cmp);
         if let Some(f) = p.first_log {
             *first = Some(first.map_or(f, |o: i64| o.min(f)));
@@ -214,14 +226,13 @@ pub fn assemble(pairs: &BTreeMap<PairKey, PairResult>, range: Range) -> Report {
         for d in &p.deficits {
             deficits.push(Deficit {
                 hour: d.hour,
-                user_id: *user,
-                model: model.clone(),
+                pair: pair.clone(),
                 amount: d.amount.clone(),
                 tokens: d.tokens,
             });
         }
     }
-    deficits.sort_by(|a, b| (a.hour, a.user_id, &a.model).cmp(&(b.hour, b.user_id, &b.model)));
+    deficits.sort_by(|a, b| (a.hour, &a.pair).cmp(&(b.hour, &b.pair)));
 
     let mut totals = Comparison::default();
     let mut newest_log = None;
@@ -256,6 +267,8 @@ pub fn assemble(pairs: &BTreeMap<PairKey, PairResult>, range: Range) -> Report {
         lag_seconds: lag_seconds(newest_log, oldest_log, newest_qd),
         totals,
         models: out,
+        channels: channels.into_values().collect(),
+        per_channel,
         deficits,
     }
 }
@@ -336,11 +349,11 @@ impl IncrementalComparison {
                         None => self.pairs.remove(&key),
                     };
                 }
-                Arc::new(assemble(&self.pairs, range))
+                Arc::new(assemble(&self.pairs, range, rec.per_channel))
             }
             _ => {
                 self.pairs = compare_all(rec, range);
-                Arc::new(assemble(&self.pairs, range))
+                Arc::new(assemble(&self.pairs, range, rec.per_channel))
             }
         };
         self.range = Some(range);
@@ -490,9 +503,16 @@ mod tests {
         assert_eq!(r.settled_until, 11 * HOUR);
     }
 
-    /// The poll path: compare every pair once, then after each change only the dirty pairs.
+    /// The poll path: compare every pair once, then after each change only the dirty pairs; on
+    /// both generations (pairs per user and model with netting, or per channel without).
     #[test]
     fn comparing_only_changed_pairs_equals_comparing_everything() {
+        for per_channel in [false, true] {
+            incremental_equals_full(per_channel);
+        }
+    }
+
+    fn incremental_equals_full(per_channel: bool) {
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = |n: i64| {
             seed = seed
@@ -505,14 +525,22 @@ mod tests {
             until: 30 * HOUR,
             settled_until: 28 * HOUR,
         };
-        let mut rec = Recording::default();
+        let mut rec = Recording {
+            per_channel,
+            hour_from_log_row: per_channel,
+            ..Recording::default()
+        };
+        let pair = |user: i64, model: usize, channel: i64| PairKey {
+            channel_id: if per_channel { channel } else { 0 },
+            ..PairKey::user_model(user, ["a", "b", "c"][model])
+        };
         let mut incremental = IncrementalComparison::default();
         incremental.update(&mut rec, range);
         for round in 0..200 {
             // New log rows for a few pairs, at any hour around the range.
             for _ in 0..next(4) {
-                let model = ["a", "b", "c"][next(3) as usize];
-                let h = rec.logs_hour(next(5), model, (8 + next(25)) * HOUR);
+                let key = pair(next(5), next(3) as usize, next(3));
+                let h = rec.logs_hour(key, (8 + next(25)) * HOUR);
                 let t = h.first.max(1);
                 h.add_mirrored(1, 10 + next(90), next(50), t, t);
             }
@@ -520,11 +548,10 @@ mod tests {
             if round % 3 == 0 {
                 let mut fresh = rec.qd_hourly.clone();
                 for _ in 0..next(6) {
-                    let key = HourKey::new(
-                        next(5),
-                        ["a", "b", "c"][next(3) as usize],
-                        (8 + next(25)) * HOUR,
-                    );
+                    let key = HourKey {
+                        pair: pair(next(5), next(3) as usize, next(3)),
+                        hour: (8 + next(25)) * HOUR,
+                    };
                     if next(4) == 0 {
                         fresh.remove(&key);
                     } else {
@@ -540,8 +567,39 @@ mod tests {
             let report = incremental.update(&mut rec, range);
             assert_eq!(incremental.pairs, compare_all(&rec, range), "round {round}");
             assert_eq!(*report, reconcile(&rec, 10 * HOUR, 30 * HOUR, 28 * HOUR));
+            assert_eq!(
+                report.channels.is_empty(),
+                !per_channel || report.models.is_empty()
+            );
         }
         assert!(!incremental.pairs.is_empty());
+    }
+
+    /// On the current generation the hour is the log row's own: a deficit and a surplus in
+    /// adjacent hours are two real faults, both reported, never netted.
+    #[test]
+    fn the_current_generation_does_not_net_adjacent_hours() {
+        let mut rec = Recording {
+            hour_from_log_row: true,
+            per_channel: true,
+            ..Recording::default()
+        };
+        rec.logs_hourly.insert(key(10), logs(5, 500));
+        rec.qd_hourly.insert(key(10), qd(4, 400));
+        rec.logs_hourly.insert(key(11), logs(3, 300));
+        rec.qd_hourly.insert(key(11), qd(4, 400));
+        let r = reconcile(&rec, 0, 100 * HOUR, 100 * HOUR);
+        let one = Amount {
+            requests: 1,
+            quota: 100,
+        };
+        assert_eq!(r.totals.missing, one);
+        assert_eq!(r.totals.excess, one);
+        assert_eq!(r.channels.len(), 1);
+        assert_eq!(
+            (&r.channels[0].missing, &r.channels[0].excess),
+            (&one, &one)
+        );
     }
 
     #[test]

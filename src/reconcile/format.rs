@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::report::{Comparison, Report};
+use super::report::{ChannelReport, Comparison, Report};
 use crate::clock::{duration, rfc3339};
 
 /// The forms a report is printed in.
@@ -93,22 +93,97 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-fn csv(report: &Report) -> String {
-    let mut out = HEADERS.join(",");
+/// A channel as people name it: `12 (azure-east): 1500 quota, 3 requests missing`.
+pub fn channel_label(c: &ChannelReport) -> String {
+    format!(
+        "{} ({}): {} quota, {} requests missing",
+        c.channel_id,
+        c.channel_name.replace(['\n', '\r'], " "),
+        c.missing.quota,
+        c.missing.requests
+    )
+}
+
+/// Column headers of the per-channel part (current generation only).
+pub const CHANNEL_HEADERS: [&str; 6] = [
+    "channel_id",
+    "channel_name",
+    "missing_requests",
+    "missing_quota",
+    "excess_requests",
+    "excess_quota",
+];
+
+/// The cells of each channel's line.
+pub fn channel_rows(report: &Report) -> Vec<Vec<String>> {
+    report
+        .channels
+        .iter()
+        .map(|c| {
+            vec![
+                c.channel_id.to_string(),
+                c.channel_name.clone(),
+                c.missing.requests.to_string(),
+                c.missing.quota.to_string(),
+                c.excess.requests.to_string(),
+                c.excess.quota.to_string(),
+            ]
+        })
+        .collect()
+}
+
+fn csv_lines(out: &mut String, headers: &[&str], rows: Vec<Vec<String>>) {
+    out.push_str(&headers.join(","));
     out.push('\n');
-    for r in rows(report, plain) {
+    for r in rows {
         let line: Vec<_> = r.iter().map(|c| csv_field(c)).collect();
         out.push_str(&line.join(","));
         out.push('\n');
     }
+}
+
+/// The per-model lines; on the current generation, a blank line and the per-channel lines.
+fn csv(report: &Report) -> String {
+    let mut out = String::new();
+    csv_lines(&mut out, &HEADERS, rows(report, plain));
+    if !report.channels.is_empty() {
+        out.push('\n');
+        csv_lines(&mut out, &CHANNEL_HEADERS, channel_rows(report));
+    }
     out
+}
+
+/// Lines of aligned columns: the first left-aligned, the others right-aligned.
+fn aligned(out: &mut String, headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut grid = vec![headers.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
+    grid.extend(rows);
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|i| grid.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in grid {
+        let line: Vec<_> = r
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                // Names may hold newlines; keep one line per row.
+                let c = c.replace(['\n', '\r'], " ");
+                if i == 0 {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
 }
 
 fn table(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "range {} .. {}; missing/excess over settled hours before {}; lag {}{}",
+        "range {} .. {}; missing/excess over settled hours before {}; lag {}{}{}",
         rfc3339(report.since),
         rfc3339(report.until),
         rfc3339(report.settled_until),
@@ -121,28 +196,15 @@ fn table(report: &Report) -> String {
                 duration(m.lag_seconds)
             ))
             .unwrap_or_default(),
+        report
+            .worst_channel()
+            .map(|c| format!("; most missing on channel {}", channel_label(c)))
+            .unwrap_or_default(),
     );
-    let mut grid = vec![HEADERS.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
-    grid.extend(rows(report, rfc3339));
-    let widths: Vec<usize> = (0..HEADERS.len())
-        .map(|i| grid.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    for r in grid {
-        let line: Vec<_> = r
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(i, (c, w))| {
-                // Model names may hold newlines; keep one line per model.
-                let c = c.replace(['\n', '\r'], " ");
-                if i == 0 {
-                    format!("{c:<w$}")
-                } else {
-                    format!("{c:>w$}")
-                }
-            })
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    aligned(&mut out, &HEADERS, rows(report, rfc3339));
+    if !report.channels.is_empty() {
+        let _ = writeln!(out, "\nper channel (settled hours):");
+        aligned(&mut out, &CHANNEL_HEADERS, channel_rows(report));
     }
     out
 }

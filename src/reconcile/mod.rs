@@ -25,4 +25,4 @@ pub mod report;
 
 pub use compare::{IncrementalComparison, Range, lag_seconds, reconcile};
 pub use recording::{HourKey, LogsHour, PairKey, QdHour, Recording, TimeSpan};
-pub use report::{Amount, Comparison, Deficit, ModelReport, Report};
+pub use report::{Amount, ChannelReport, Comparison, Deficit, ModelReport, Report};

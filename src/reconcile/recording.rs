@@ -1,30 +1,48 @@
 //! What the collectors fill for the reconciliation: per-hour aggregates of consume logs and of
-//! quota_data, keyed alike, and the (user, model) pairs that changed since the last comparison.
+//! quota_data, keyed alike, and the pairs that changed since the last comparison.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-/// One hour of one (user, model). Fields in this order, so that one pass over a map keyed by it
-/// visits each user's model hour by hour.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct HourKey {
+/// The series one comparison follows across hours: a (user, model) on the older generation; on
+/// the current one also the channel, group, token and username that quota_data keys on (they
+/// stay empty on the older generation).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PairKey {
     pub user_id: i64,
     pub model: String,
+    pub channel_id: i64,
+    pub group: String,
+    pub token_id: i64,
+    pub username: String,
+}
+
+impl PairKey {
+    /// A (user, model) pair of the older generation.
+    pub fn user_model(user_id: i64, model: &str) -> Self {
+        PairKey {
+            user_id,
+            model: model.to_string(),
+            ..PairKey::default()
+        }
+    }
+}
+
+/// One hour of one pair. Fields in this order, so that one pass over a map keyed by it visits
+/// each pair hour by hour.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HourKey {
+    pub pair: PairKey,
     /// Start of the hour.
     pub hour: i64,
 }
 
 impl HourKey {
+    /// One hour of a (user, model) pair of the older generation.
     pub fn new(user_id: i64, model: &str, hour: i64) -> Self {
         HourKey {
-            user_id,
-            model: model.to_string(),
+            pair: PairKey::user_model(user_id, model),
             hour,
         }
-    }
-
-    /// The (user, model) pair this hour belongs to.
-    pub fn pair(&self) -> PairKey {
-        (self.user_id, self.model.clone())
     }
 }
 
@@ -91,9 +109,6 @@ pub struct QdHour {
     pub tokens: i64,
 }
 
-/// (user_id, model_name): the unit the reconciliation compares, and caches between polls.
-pub type PairKey = (i64, String);
-
 /// Per-hour state shared by the logs and quota_data collectors and read here.
 #[derive(Debug, Clone, Default)]
 pub struct Recording {
@@ -105,18 +120,21 @@ pub struct Recording {
     pub qd_model_newest_hour: HashMap<String, i64>,
     /// Set by the quota_data collector when the table exists.
     pub has_quota_data: bool,
+    /// The gateway takes each mirrored row's hour from the log row itself (current
+    /// generation), so hours are compared exactly; otherwise adjacent hours are netted.
+    pub hour_from_log_row: bool,
+    /// Pairs carry the channel (current generation): the report is also made per channel.
+    pub per_channel: bool,
     /// (user, model) pairs whose hours changed since the reconciliation last compared them:
     /// a poll compares only these again while the window stays put.
     pub dirty: HashSet<PairKey>,
 }
 
 impl Recording {
-    /// Adds consume log rows to one (user, model, hour).
-    pub fn logs_hour(&mut self, user: i64, model: &str, hour: i64) -> &mut LogsHour {
-        self.dirty.insert((user, model.to_string()));
-        self.logs_hourly
-            .entry(HourKey::new(user, model, hour))
-            .or_default()
+    /// Adds consume log rows to one hour of a pair.
+    pub fn logs_hour(&mut self, pair: PairKey, hour: i64) -> &mut LogsHour {
+        self.dirty.insert(pair.clone());
+        self.logs_hourly.entry(HourKey { pair, hour }).or_default()
     }
 
     /// Replaces the quota_data side with a fresh read; pairs whose hours differ become dirty.
@@ -127,7 +145,7 @@ impl Recording {
             .filter(|(k, v)| self.qd_hourly.get(*k) != Some(*v))
             .chain(self.qd_hourly.iter().filter(|(k, _)| !old.contains_key(*k)));
         for (key, _) in changed {
-            self.dirty.insert(key.pair());
+            self.dirty.insert(key.pair.clone());
         }
     }
 

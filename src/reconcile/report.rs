@@ -4,6 +4,8 @@
 
 use serde::Serialize;
 
+use super::recording::PairKey;
+
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct LogsSide {
     pub requests: i64,
@@ -57,24 +59,64 @@ pub struct Report {
     pub lag_seconds: i64,
     pub totals: Comparison,
     pub models: Vec<ModelReport>,
+    /// Per channel, on gateways whose quota_data carries it (current generation); else empty.
+    pub channels: Vec<ChannelReport>,
+    /// Whether the pairs carry the channel, group, token and username (current generation).
+    #[serde(skip)]
+    pub per_channel: bool,
     /// Per (hour, user_id, model) deficits of settled hours after netting, ordered by hour:
     /// what backfill adds.
     #[serde(skip)]
     pub deficits: Vec<Deficit>,
 }
 
-/// What quota_data lacks for one settled (hour, user, model) after netting.
+/// What quota_data lacks or holds in excess for one channel, over settled hours.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ChannelReport {
+    pub channel_id: i64,
+    /// From `channels.name`, when the channel still exists.
+    pub channel_name: String,
+    pub missing: Amount,
+    pub excess: Amount,
+}
+
+/// What quota_data lacks for one settled hour of one pair after netting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deficit {
     pub hour: i64,
-    pub user_id: i64,
-    pub model: String,
+    pub pair: PairKey,
     pub amount: Amount,
     /// Prompt plus completion tokens of the missing rows.
     pub tokens: i64,
 }
 
+impl Amount {
+    pub fn add(&mut self, o: &Amount) {
+        self.requests += o.requests;
+        self.quota += o.quota;
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.requests == 0 && self.quota == 0
+    }
+}
+
 impl Report {
+    /// The channel missing the most quota, if any channel misses some.
+    pub fn worst_channel(&self) -> Option<&ChannelReport> {
+        self.channels
+            .iter()
+            .filter(|c| !c.missing.is_zero())
+            .max_by_key(|c| (c.missing.quota, c.missing.requests))
+    }
+
+    /// Names the channels (the reconciliation itself knows only their ids).
+    pub fn name_channels(&mut self, name: impl Fn(i64) -> String) {
+        for c in &mut self.channels {
+            c.channel_name = name(c.channel_id);
+        }
+    }
+
     /// The model lagging most, when it lags more than the whole: the overall lag stays low while
     /// other models keep recording, which is how one model that stopped can go unnoticed.
     pub fn worst_model_lag(&self) -> Option<&ModelReport> {

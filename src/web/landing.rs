@@ -11,7 +11,7 @@ use html_escape::encode_text as esc;
 use crate::clock::{duration, rfc3339};
 use crate::poll::Status;
 use crate::reconcile::format;
-use crate::schema::Flavor;
+use crate::schema::Generation;
 use crate::snapshot::Shared;
 
 pub async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) -> Html<String> {
@@ -29,7 +29,10 @@ pub async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) ->
         (None, true) => "<span class=ok>ok</span>".to_string(),
         (None, false) => "reading the gateway's database for the first time".to_string(),
     };
-    let flavor = st.flavor.map(|f| f.as_str()).unwrap_or("not detected yet");
+    let generation = st
+        .generation
+        .map(|g| g.describe())
+        .unwrap_or("not detected yet");
     let recording = recording_section(st);
     Html(format!(
         r#"<!doctype html>
@@ -43,7 +46,7 @@ table.cmp{{border-collapse:collapse;font-size:0.85em}} .cmp th,.cmp td{{border:1
 <table>
 <tr><td>Version</td><td>{version}</td></tr>
 <tr><td>Database</td><td>{database}</td></tr>
-<tr><td>Schema</td><td>{flavor}</td></tr>
+<tr><td>Gateway</td><td>{generation}</td></tr>
 <tr><td>Last poll</td><td>{last_poll}</td></tr>
 <tr><td>Result</td><td>{result}</td></tr>
 <tr><td>Highest logs.id read</td><td>{cursor}</td></tr>
@@ -58,7 +61,7 @@ table.cmp{{border-collapse:collapse;font-size:0.85em}} .cmp th,.cmp td{{border:1
 "#,
         version = env!("CARGO_PKG_VERSION"),
         database = esc(&st.database),
-        flavor = esc(flavor),
+        generation = esc(generation),
         cursor = st.logs_cursor,
         recording = recording,
         metrics = html_escape::encode_double_quoted_attribute(&metrics_path),
@@ -68,8 +71,8 @@ table.cmp{{border-collapse:collapse;font-size:0.85em}} .cmp th,.cmp td{{border:1
 /// The logs-versus-quota_data comparison over the reconciliation window.
 fn recording_section(st: &Status) -> String {
     let Some(r) = &st.report else {
-        return match st.flavor {
-            Some(Flavor::OneApi) => "<h2>Recording health</h2>\n<p>Not available: \
+        return match st.generation {
+            Some(Generation::OneApi) => "<h2>Recording health</h2>\n<p>Not available: \
                 this database was written by one-api, which has no quota_data table (the dashboard \
                 export is a new-api feature), so there is nothing to reconcile.</p>"
                 .to_string(),
@@ -78,7 +81,7 @@ fn recording_section(st: &Status) -> String {
     };
     let mut html = format!(
         "<h2>Recording health: logs against quota_data</h2>\n<p>Hours {} to {}; missing and excess \
-         count settled hours (before {}). quota_data lag: {}{}.</p>\n<table class=cmp>\n<tr>",
+         count settled hours (before {}). quota_data lag: {}{}{}.</p>\n<table class=cmp>\n<tr>",
         esc(&rfc3339(r.since)),
         esc(&rfc3339(r.until)),
         esc(&rfc3339(r.settled_until)),
@@ -88,6 +91,12 @@ fn recording_section(st: &Status) -> String {
                 "; <span class=bad>longest per model: {} ({})</span>",
                 esc(&m.model),
                 duration(m.lag_seconds)
+            ))
+            .unwrap_or_default(),
+        r.worst_channel()
+            .map(|c| format!(
+                "; <span class=bad>most missing on channel {}</span>",
+                esc(&format::channel_label(c))
             ))
             .unwrap_or_default(),
     );

@@ -251,7 +251,7 @@ fn export_switched_off_is_visible_and_missing() {
             gw.lose_pending(); // the gateway stopped feeding the map
         }
     });
-    Gateway::open(&db, Flavor::NewApi)
+    Gateway::open(&db, Tables::NewApiOlder)
         .unwrap()
         .set_option("DataExportEnabled", "false")
         .unwrap();
@@ -268,7 +268,7 @@ fn export_switched_off_is_visible_and_missing() {
 fn one_api_has_no_recording_metrics_and_the_page_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("one-api.db");
-    let mut gw = Gateway::create(&db, Flavor::OneApi).unwrap();
+    let mut gw = Gateway::create(&db, Tables::OneApi).unwrap();
     gw.record(&consume(1, "gpt-4o", 1_767_225_600, 10), true, 0)
         .unwrap();
     let s = InProcess::new(&db).poll();
@@ -294,7 +294,7 @@ fn one_api_has_no_recording_metrics_and_the_page_says_why() {
 fn one_api_keeps_no_hourly_state() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("one-api.db");
-    let mut gw = Gateway::create(&db, Flavor::OneApi).unwrap();
+    let mut gw = Gateway::create(&db, Tables::OneApi).unwrap();
     let now = unix_now();
     for (k, model) in ["gpt-4o", "claude"].iter().enumerate() {
         let t = now - 3 * HOUR + k as i64 * 60;

@@ -6,7 +6,7 @@ use super::*;
 /// 56,317,943; newest log (2025-10-21 16:32) four days after the newest quota_data hour
 /// (2025-10-17 15:00).
 fn incident_db(db: &Path) {
-    let mut gw = Gateway::create(db, Flavor::NewApi).unwrap();
+    let mut gw = Gateway::create(db, Tables::NewApiOlder).unwrap();
     let first_hour = 1_760_644_800; // 2025-10-16T20:00:00Z
     let newest_qd_hour = 1_760_713_200; // 2025-10-17T15:00:00Z
     let newest_log = 1_761_064_320; // 2025-10-21T16:32:00Z
@@ -171,7 +171,7 @@ fn logs_snapshot(db: &Path) -> (i64, i64, i64) {
         .unwrap()
 }
 
-fn backfill(db: &Path, extra: &[&str]) -> String {
+pub(super) fn backfill(db: &Path, extra: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
         .args(["backfill", "--sqlite-path"])
         .arg(db)
@@ -288,7 +288,7 @@ fn backfill_alongside_a_gateway_flush_loses_no_increment() {
     let flusher = {
         let (db, stop) = (db.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut gw = Gateway::open(&db, Flavor::NewApi).unwrap();
+            let mut gw = Gateway::open(&db, Tables::NewApiOlder).unwrap();
             let base = base_hour();
             let (mut count, mut quota, mut i) = (0i64, 0i64, 0i64);
             while !stop.load(Ordering::Relaxed) || i < 20 {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crate::common::*;
 use newapi_exporter::clock::unix_now;
+use newapi_exporter::demo::gateway::Tables;
 use newapi_exporter::demo::gateway::{Gateway, LogRow};
-use newapi_exporter::schema::Flavor;
 use rusqlite::{Connection, params};
 use serde_json::Value as Json;
 
@@ -46,7 +46,7 @@ fn consume(user: i64, model: &str, t: i64, quota: i64) -> LogRow {
 /// Healthy traffic: every consume row fed to the map, flushed at the end of each hour. `plant`
 /// runs before each hour's flush and may add drift.
 fn build(db: &Path, mut plant: impl FnMut(&mut Gateway, i64)) -> Gateway {
-    let mut gw = Gateway::create(db, Flavor::NewApi).unwrap();
+    let mut gw = Gateway::create(db, Tables::NewApiOlder).unwrap();
     gw.add_channel(1, 1, "openai", 1, 10.0, 100, "default", "gpt-4o")
         .unwrap();
     let base = base_hour();
@@ -353,7 +353,7 @@ fn flushes_between_polls_reach_the_next_poll() {
 fn a_skewed_row_at_the_edge_of_an_uneven_window_nets_out_on_every_poll() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("one-api.db");
-    let mut gw = Gateway::create(&db, Flavor::NewApi).unwrap();
+    let mut gw = Gateway::create(&db, Tables::NewApiOlder).unwrap();
     let window = 90 * 60;
     // Default DataExportInterval (5 min) and settle margin (5 min).
     let now = unix_now();
@@ -386,5 +386,6 @@ fn a_skewed_row_at_the_edge_of_an_uneven_window_nets_out_on_every_poll() {
     }
 }
 
+mod current;
 mod drift;
 mod incident_and_backfill;
