@@ -171,12 +171,7 @@ fn a_channel_whose_flushes_never_land_is_named_with_its_models() {
     }
     assert_eq!(channels[1]["channel_name"], "azure-east");
     // The table names the channel first.
-    let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
-        .args(["reconcile", "--sqlite-path"])
-        .arg(&db)
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
+    let table = reconcile_table(&db);
     assert!(
         table
             .lines()

@@ -76,12 +76,7 @@ fn a_model_whose_logs_never_feed_the_map_is_missing_and_lags() {
     // The table's first line names the model beside the overall lag: its first log at the first
     // hour + 100 s, its newest at the last hour + 1,100 s, 15 hours later.
     assert_eq!(HOURS, 16);
-    let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
-        .args(["reconcile", "--sqlite-path"])
-        .arg(&db)
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
+    let table = reconcile_table(&db);
     let first = table.lines().next().unwrap_or_default();
     assert!(
         first.ends_with("; lag 0s; longest per model: coze-workflow-async (15h 16m 40s)"),

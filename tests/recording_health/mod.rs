@@ -165,6 +165,16 @@ fn scalar(samples: &[Sample], name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} is missing"))
 }
 
+/// `reconcile` as a table, as people read it.
+fn reconcile_table(db: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+        .args(["reconcile", "--sqlite-path"])
+        .arg(db)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn reconcile_json(db: &Path, extra: &[&str]) -> Json {
     let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
         .args(["reconcile", "--format", "json", "--sqlite-path"])
