@@ -181,10 +181,13 @@ impl LogsCollector {
                 String::new()
             },
         );
-        let group = if labels.user {
-            " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18, 19, 20"
-        } else {
-            " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18, 19"
+        // The token and username columns are constant NULLs unless per channel: grouping by
+        // them would only widen every sort key of the cold start.
+        let group = match (per_channel, labels.user) {
+            (true, true) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18, 19, 20",
+            (true, false) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18, 19",
+            (false, true) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 20",
+            (false, false) => " GROUP BY 1, 2, 3, 4, 5, 6, 7",
         };
         LogsCollector {
             select_sql,
