@@ -135,12 +135,9 @@ impl LogsCollector {
         // On the current generation, rows in range also keep the token and username that
         // quota_data keys on (the channel and group are labels already).
         let per_channel = rules.is_some_and(|r| r.per_channel);
-        let in_range_column = |name: &str| {
+        let in_range_column = |name: &str, expr: String| {
             if per_channel && cols.has(name) {
-                format!(
-                    "CASE WHEN {in_range} THEN {} ELSE NULL END",
-                    d.text_key(&d.ident(name))
-                )
+                format!("CASE WHEN {in_range} THEN {expr} ELSE NULL END")
             } else {
                 "NULL".to_string()
             }
@@ -173,8 +170,8 @@ impl LogsCollector {
             sum_completion = d.sum_int(&completion),
             use_time = d.sum_int(&cols.or(d, "use_time", "0")),
             sum_quota = d.sum_int(&quota),
-            token = in_range_column("token_id"),
-            pair_user = in_range_column("username"),
+            token = in_range_column("token_id", d.ident("token_id")),
+            pair_user = in_range_column("username", d.text_key(&d.ident("username"))),
             username = if labels.user {
                 format!(", {}", d.text_key(&cols.or(d, "username", "NULL")))
             } else {

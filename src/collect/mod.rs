@@ -38,7 +38,8 @@ pub fn for_schema(
     settings: &Settings,
 ) -> Vec<Box<dyn Collector>> {
     let rules = schema.generation.rules();
-    let has_quota_data = rules.is_some() && schema.quota_data.is_some();
+    // Only a generation with quota_data has rules.
+    let has_quota_data = rules.is_some();
     let mut collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(OptionsCollector::default()),
         Box::new(ChannelsCollector::default()),
@@ -196,6 +197,13 @@ pub struct Context {
 impl Context {
     pub fn new(schema: Schema, mut settings: Settings, stop: Arc<AtomicBool>) -> Self {
         settings.chunk_rows = settings.chunk_rows.max(1);
+        // How the comparison reads the hours follows from the generation, once.
+        let rules = schema.generation.rules();
+        let recording = Recording {
+            per_channel: rules.is_some_and(|r| r.per_channel),
+            hour_from_log_row: rules.is_some_and(|r| !r.adjacent_hour_netting),
+            ..Recording::default()
+        };
         Context {
             schema,
             channel_names: HashMap::new(),
@@ -204,7 +212,7 @@ impl Context {
             folded: BTreeMap::new(),
             settings,
             logs_cursor: 0,
-            recording: Recording::default(),
+            recording,
             report: None,
             now: 0,
             stop,

@@ -316,12 +316,6 @@ impl Collector for QuotaDataCollector {
         // Per-hour view for the reconciliation, keyed like logs: (user_id, model, hour).
         let rec = &mut ctx.recording;
         rec.has_quota_data = true;
-        rec.per_channel = self.per_channel;
-        rec.hour_from_log_row = ctx
-            .schema
-            .generation
-            .rules()
-            .is_some_and(|r| !r.adjacent_hour_netting);
         let mut qd_hourly: BTreeMap<HourKey, QdHour> = BTreeMap::new();
         rec.qd_model_newest_hour = self
             .frozen_newest_hour
