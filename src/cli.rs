@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::collect::{DEFAULT_CHUNK_ROWS, LabelSettings, Settings};
 use crate::db::dsn::DbConfig;
+use crate::demo::gateway::Tables;
 use crate::reconcile::format::ReportFormat;
 
 /// The listen port: 9100-9999 is fully allocated to other exporters, and 10160 is used by none of
@@ -70,6 +71,13 @@ pub struct GenerateArgs {
     /// Days the rows are spread over, ending now.
     #[arg(long = "days", default_value_t = 30, value_name = "N")]
     pub days: i64,
+    /// Which gateway generation's tables to write.
+    #[arg(
+        long = "generation",
+        default_value = "current",
+        value_name = "GENERATION"
+    )]
+    pub generation: GenerationArg,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -81,6 +89,24 @@ pub struct ReconcileArgs {
     /// Output format.
     #[arg(long = "format", default_value = "table", value_name = "FORMAT")]
     pub format: FormatArg,
+}
+
+/// Which generation of the gateway the demo and `generate` write.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenerationArg {
+    /// new-api since 2026-06-20: quota_data per channel, token, group and node.
+    Current,
+    /// new-api before: quota_data per user, model and hour.
+    Older,
+}
+
+impl From<GenerationArg> for Tables {
+    fn from(g: GenerationArg) -> Self {
+        match g {
+            GenerationArg::Current => Tables::NewApiCurrent,
+            GenerationArg::Older => Tables::NewApiOlder,
+        }
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,6 +357,15 @@ pub struct DemoArgs {
     #[arg(long = "history", default_value = "48h", value_name = "DURATION",
           value_parser = parse_duration)]
     pub history: Duration,
+
+    /// Which gateway generation a new demo database imitates (an existing one is continued as
+    /// it is).
+    #[arg(
+        long = "generation",
+        default_value = "current",
+        value_name = "GENERATION"
+    )]
+    pub generation: GenerationArg,
 
     #[command(flatten)]
     pub web: WebArgs,

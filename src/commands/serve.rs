@@ -43,7 +43,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
 
 /// `demo`: a simulated gateway writing into a SQLite file, served like `serve` would.
 pub fn run_demo(args: DemoArgs) -> Result<()> {
-    demo::prepare(&args.db, args.history)?;
+    demo::prepare(&args.db, args.history, args.generation.into())?;
     let stop = Arc::new(AtomicBool::new(false));
     let writer_stop = stop.clone();
     let path = args.db.clone();
@@ -67,7 +67,7 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
 /// `generate`: a large gateway database for benchmarks.
 pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     let started = Instant::now();
-    demo::generate::generate(&args.db, args.rows, args.days)?;
+    demo::generate::generate(&args.db, args.rows, args.days, args.generation.into())?;
     println!(
         "wrote {} log rows to {} in {:.1?}",
         args.rows,

@@ -14,6 +14,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
+use super::LOST_CHANNEL;
 use super::gateway::Gateway;
 use super::gateway::Tables;
 use crate::clock::unix_now;
@@ -54,14 +55,18 @@ fn model_case(column: usize) -> String {
 }
 
 /// Writes `rows` log rows (and the matching quota_data) into a new database at `path`.
-pub fn generate(path: &Path, rows: i64, days: i64) -> Result<()> {
+/// On the current generation quota_data is keyed per channel, token, group and node (two nodes
+/// share the traffic), settlements are mirrored, and the workflow channel's flushes never land;
+/// on the older one it is keyed per user, model and hour and neither the workflow model nor
+/// task settlements reach it.
+pub fn generate(path: &Path, rows: i64, days: i64, tables: Tables) -> Result<()> {
     if rows < 1 || days < 1 {
         bail!("--rows and --days must be at least 1");
     }
     if path.exists() {
         bail!("{} exists; generate writes a new database", path.display());
     }
-    let gw = Gateway::create(path, Tables::NewApiOlder)?;
+    let gw = Gateway::create(path, tables)?;
     gw.set_option("QuotaPerUnit", "500000")?;
     for (id, ty, name) in [
         (1, 1, "openai-1"),
@@ -91,7 +96,7 @@ pub fn generate(path: &Path, rows: i64, days: i64) -> Result<()> {
                FROM r)
          INSERT INTO logs (id, user_id, created_at, type, content, username, token_name, model_name, quota,
                            prompt_tokens, completion_tokens, use_time, is_stream, channel_id, `group`,
-                           request_id, other)
+                           request_id, other, token_id)
          SELECT i, uid, {start} + i * {span} / {rows}, ty,
                 CASE ty WHEN 5 THEN 'upstream error: status 429' WHEN 6 THEN 'task failed, quota refunded'
                         ELSE 'model ratio ' || ratio || ', group ratio 1' END,
@@ -108,7 +113,8 @@ pub fn generate(path: &Path, rows: i64, days: i64) -> Result<()> {
                 CASE WHEN model = 'kling-v2-1' AND ty = 2 THEN '' ELSE printf('req-%012d', i) END,
                 CASE WHEN model = 'kling-v2-1' AND ty = 2
                      THEN printf('{{\"is_task\":true,\"task_id\":\"task_%d\",\"pre_consumed_quota\":%d}}', i, 200000 + h % 600000)
-                     ELSE printf('{{\"model_ratio\":%.3f,\"group_ratio\":1,\"frt\":%d}}', ratio / 1000.0, 200 + h % 3000) END
+                     ELSE printf('{{\"model_ratio\":%.3f,\"group_ratio\":1,\"frt\":%d}}', ratio / 1000.0, 200 + h % 3000) END,
+                1000 + 2 * uid + (g % 2)
          FROM m",
         model = model_case(0),
         ratio = model_case(1),
@@ -117,17 +123,30 @@ pub fn generate(path: &Path, rows: i64, days: i64) -> Result<()> {
     );
     conn.execute_batch(&sql)
         .with_context(|| format!("generating {rows} log rows"))?;
-    // quota_data as the gateway's flush writes it: consume rows of every model but those whose
-    // path skips the map (the async workflow) or that are never mirrored (task settlements).
-    conn.execute_batch(
-        "INSERT INTO quota_data (user_id, username, model_name, created_at, token_used, count, quota)
-         SELECT user_id, username, model_name, created_at - created_at % 3600,
-                SUM(prompt_tokens + completion_tokens), COUNT(*), SUM(quota)
-         FROM logs WHERE type = 2 AND model_name NOT IN ('coze-workflow-async', 'kling-v2-1')
-         GROUP BY user_id, username, model_name, created_at - created_at % 3600
-         ORDER BY created_at - created_at % 3600;
-         PRAGMA journal_mode = DELETE;",
-    )
-    .context("building quota_data")?;
+    // quota_data as the gateway's flush writes it.
+    let mirror = match tables {
+        // Every consume row, per the eight-column key, from the node that served it (by id);
+        // the workflow channel's rows are lost at the flush.
+        Tables::NewApiCurrent => format!(
+            "INSERT INTO quota_data (user_id, username, model_name, created_at, use_group, token_id,
+                                     channel_id, node_name, token_used, count, quota)
+             SELECT user_id, username, model_name, created_at - created_at % 3600, `group`, token_id,
+                    channel_id, 'node-' || (id % 2), SUM(prompt_tokens + completion_tokens), COUNT(*),
+                    SUM(quota)
+             FROM logs WHERE type = 2 AND channel_id <> {LOST_CHANNEL}
+             GROUP BY 1, 2, 3, 4, 5, 6, 7, 8 ORDER BY 4"
+        ),
+        // Every consume row but those whose path skips the map (the async workflow) or that are
+        // never mirrored (task settlements).
+        _ => "INSERT INTO quota_data (user_id, username, model_name, created_at, token_used, count, quota)
+              SELECT user_id, username, model_name, created_at - created_at % 3600,
+                     SUM(prompt_tokens + completion_tokens), COUNT(*), SUM(quota)
+              FROM logs WHERE type = 2 AND model_name NOT IN ('coze-workflow-async', 'kling-v2-1')
+              GROUP BY user_id, username, model_name, created_at - created_at % 3600
+              ORDER BY created_at - created_at % 3600"
+            .to_string(),
+    };
+    conn.execute_batch(&format!("{mirror}; PRAGMA journal_mode = DELETE;"))
+        .context("building quota_data")?;
     Ok(())
 }

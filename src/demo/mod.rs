@@ -2,9 +2,12 @@
 //! database, with the exporter serving metrics on it.
 //!
 //! Traffic covers several models, channels and groups, errors and refunds, `quota_data` flushed
-//! every `DataExportInterval` from an in-memory map, async task settlement rows (never mirrored
-//! into `quota_data`, by design), and one async workflow model whose logs never reach
-//! `quota_data` at all: the incident this exporter exists to reveal.
+//! every `DataExportInterval` from an in-memory map, and async task settlement rows. By default
+//! the gateway is of the current generation (quota_data per channel, token, group and node;
+//! settlements mirrored) and the workflow channel's flushes never land, so its one async model
+//! never reaches `quota_data`: the incident this exporter exists to reveal, named by channel.
+//! With the older generation's tables, settlements are never mirrored and the workflow model's
+//! path skips the map.
 
 pub mod gateway;
 pub mod generate;
@@ -19,6 +22,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::clock::unix_now;
+use crate::schema::LOG_TYPE_CONSUME;
 use gateway::{Gateway, LogRow, Tables};
 
 /// The model the incident was about: its logs bypass the quota_data map.
@@ -135,6 +139,7 @@ impl Traffic {
             username: format!("user{user_id:02}"),
             created_at: t,
             token_name: format!("key-{}", user_id % 4),
+            token_id: 1000 + user_id,
             model_name: model.name.to_string(),
             channel_id,
             group: group.to_string(),
@@ -194,10 +199,38 @@ impl Traffic {
     }
 }
 
-/// Creates a demo database with `history` of past traffic (one request every ~10 s), flushed
-/// into quota_data the way the gateway would have.
+/// The channel whose flushes never land on the current generation: the async workflow
+/// channel, so its one model goes missing from quota_data entirely (the incident's shape).
+pub const LOST_CHANNEL: i64 = 6;
+
+/// A gateway of `tables` with the demo's planted failure: on the current generation the
+/// workflow channel's flushes never land; on the older one its model never feeds the map.
+fn demo_gateway(gw: Gateway) -> Gateway {
+    let mut gw = gw;
+    gw.lost_channels = vec![LOST_CHANNEL];
+    gw
+}
+
+/// Writes one request the way the demo's generation records it. The older generation never
+/// mirrors settlements and the incident path skips the map (`feed`); the current one feeds
+/// every consume row and loses the workflow channel's at the flush.
+fn record(gw: &mut Gateway, tables: Tables, row: &LogRow, feed: bool, t: i64) -> Result<i64> {
+    let feed = match tables {
+        Tables::NewApiCurrent => row.log_type == LOG_TYPE_CONSUME,
+        _ => feed,
+    };
+    gw.record(row, feed, t)
+}
+
+/// Creates a current-generation demo database with `history` of past traffic (one request
+/// every ~10 s), flushed into quota_data the way the gateway would have.
 pub fn create(path: &Path, history: Duration, seed: u64) -> Result<()> {
-    let mut gw = Gateway::create(path, Tables::NewApiOlder)?;
+    create_with(path, history, seed, Tables::NewApiCurrent)
+}
+
+/// [`create`] with the tables of a given generation.
+pub fn create_with(path: &Path, history: Duration, seed: u64, tables: Tables) -> Result<()> {
+    let mut gw = demo_gateway(Gateway::create(path, tables)?);
     gw.set_option("QuotaPerUnit", "500000")?;
     gw.set_option("DataExportEnabled", "true")?;
     gw.set_option(
@@ -236,7 +269,7 @@ pub fn create(path: &Path, history: Duration, seed: u64) -> Result<()> {
     gw.conn.execute_batch("BEGIN")?;
     while t < now {
         let (row, feed) = traffic.request(t);
-        gw.record(&row, feed, t)?;
+        record(&mut gw, tables, &row, feed, t)?;
         if t >= next_flush {
             gw.flush()?;
             next_flush += flush_every;
@@ -251,7 +284,8 @@ pub fn create(path: &Path, history: Duration, seed: u64) -> Result<()> {
 /// Writes live traffic at `rate` requests per second until `stop` is set, one short
 /// transaction per statement as the gateway does, flushing quota_data every interval.
 pub fn write_live(path: &Path, rate: f64, stop: Arc<AtomicBool>, seed: u64) -> Result<()> {
-    let mut gw = Gateway::open(path, Tables::NewApiOlder)?;
+    let tables = tables_of(path)?;
+    let mut gw = demo_gateway(Gateway::open(path, tables)?);
     let mut traffic = Traffic::new(seed);
     let flush_every = Duration::from_secs(DEMO_EXPORT_INTERVAL_MINUTES as u64 * 60);
     let mut last_flush = Instant::now();
@@ -262,7 +296,7 @@ pub fn write_live(path: &Path, rate: f64, stop: Arc<AtomicBool>, seed: u64) -> R
         std::thread::sleep(Duration::from_secs_f64((-u.ln() * mean_gap).min(5.0)));
         let t = unix_now();
         let (row, feed) = traffic.request(t);
-        if let Err(e) = gw.record(&row, feed, t) {
+        if let Err(e) = record(&mut gw, tables, &row, feed, t) {
             tracing::warn!("demo gateway: writing a log row failed: {e:#}");
         }
         if last_flush.elapsed() >= flush_every {
@@ -286,13 +320,28 @@ pub fn write_live(path: &Path, rate: f64, stop: Arc<AtomicBool>, seed: u64) -> R
     gw.flush()
 }
 
-/// Prepares the demo database (creating it when missing).
-pub fn prepare(path: &Path, history: Duration) -> Result<()> {
+/// The tables an existing demo database was created with (the demo continues either).
+fn tables_of(path: &Path) -> Result<Tables> {
+    let conn = rusqlite::Connection::open(path)?;
+    let current: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('quota_data') WHERE name = 'node_name'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(if current > 0 {
+        Tables::NewApiCurrent
+    } else {
+        Tables::NewApiOlder
+    })
+}
+
+/// Prepares the demo database (creating it with `tables` when missing).
+pub fn prepare(path: &Path, history: Duration, tables: Tables) -> Result<()> {
     if path.exists() {
         tracing::info!(db = %path.display(), "continuing the existing demo database");
         return Ok(());
     }
     tracing::info!(db = %path.display(), history = %humantime::format_duration(history), "creating the demo gateway database");
-    create(path, history, unix_now() as u64)
+    create_with(path, history, unix_now() as u64, tables)
         .with_context(|| format!("creating the demo database {}", path.display()))
 }
