@@ -171,3 +171,24 @@ impl Collector for ChannelsCollector {
         response.finish(out);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::channel_type_name;
+
+    #[test]
+    fn the_2026_channel_types_have_their_names() {
+        let names: Vec<String> = [1, 57, 58, 59, 60, 61].map(channel_type_name).to_vec();
+        assert_eq!(
+            names,
+            [
+                "OpenAI",
+                "Codex",
+                "AdvancedCustom",
+                "Sub2API",
+                "NewAPI",
+                "type_61"
+            ]
+        );
+    }
+}

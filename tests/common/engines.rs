@@ -39,6 +39,19 @@ pub const MYSQL_DDL: &[&str] = &[
       `group` varchar(64) DEFAULT 'default')",
 ];
 
+/// `quota_data` of the current generation (2026-06-20 on) on MySQL.
+pub const MYSQL_QUOTA_DATA_CURRENT: &str = "CREATE TABLE quota_data (id bigint AUTO_INCREMENT PRIMARY KEY,
+      user_id bigint, username varchar(64) DEFAULT '', model_name varchar(64) DEFAULT '', created_at bigint,
+      use_group varchar(64) DEFAULT '', token_id bigint DEFAULT 0, channel_id bigint DEFAULT 0,
+      node_name varchar(64) DEFAULT '', token_used bigint DEFAULT 0, count bigint DEFAULT 0, quota bigint DEFAULT 0,
+      INDEX idx_qdt_created_at (created_at))";
+
+/// `quota_data` of the current generation on PostgreSQL.
+pub const POSTGRES_QUOTA_DATA_CURRENT: &str = "CREATE TABLE quota_data (id bigserial PRIMARY KEY, user_id bigint,
+      username varchar(64) DEFAULT '', model_name varchar(64) DEFAULT '', created_at bigint,
+      use_group varchar(64) DEFAULT '', token_id bigint DEFAULT 0, channel_id bigint DEFAULT 0,
+      node_name varchar(64) DEFAULT '', token_used bigint DEFAULT 0, count bigint DEFAULT 0, quota bigint DEFAULT 0)";
+
 /// new-api's tables on PostgreSQL (gorm: bigint, text, numeric balance).
 pub const POSTGRES_DDL: &[&str] = &[
     "CREATE TABLE logs (id bigserial PRIMARY KEY, user_id bigint, created_at bigint, type bigint, content text,
@@ -161,8 +174,14 @@ pub async fn exec(server: Server, dsn: &str, statements: &[String]) {
 }
 
 impl TestDb {
-    /// Creates an empty database with the gateway's tables.
+    /// Creates an empty database with the gateway's tables (older generation's quota_data).
     pub fn create(server: Server, admin: &str, tag: &str) -> TestDb {
+        Self::create_with(server, admin, tag, false)
+    }
+
+    /// Creates an empty database with the gateway's tables; with `current`, quota_data as the
+    /// current generation creates it.
+    pub fn create_with(server: Server, admin: &str, tag: &str, current: bool) -> TestDb {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -183,7 +202,20 @@ impl TestDb {
             Server::Mysql => MYSQL_DDL,
             Server::Postgres => POSTGRES_DDL,
         };
-        let ddl: Vec<String> = ddl.iter().map(|s| s.to_string()).collect();
+        let current_qd = match server {
+            Server::Mysql => MYSQL_QUOTA_DATA_CURRENT,
+            Server::Postgres => POSTGRES_QUOTA_DATA_CURRENT,
+        };
+        let ddl: Vec<String> = ddl
+            .iter()
+            .map(|s| {
+                if current && s.starts_with("CREATE TABLE quota_data") {
+                    current_qd.to_string()
+                } else {
+                    s.to_string()
+                }
+            })
+            .collect();
         rt.block_on(exec(server, &dsn, &ddl));
         TestDb {
             server,

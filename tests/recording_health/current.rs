@@ -10,7 +10,7 @@ const NODES: [&str; 2] = ["node-a", "node-b"];
 /// Healthy multi-channel, multi-group, multi-token traffic from two nodes, each flushing its own
 /// map at the end of every hour; `lost` channels never reach quota_data (a silent insert
 /// failure of their rows).
-fn build_current(db: &Path, lost: &[i64]) {
+pub(crate) fn build_current(db: &Path, lost: &[i64]) {
     let mut nodes: Vec<Gateway> = NODES
         .iter()
         .enumerate()
@@ -170,6 +170,26 @@ fn a_channel_whose_flushes_never_land_is_named_with_its_models() {
         assert_eq!(c["excess"]["quota"].as_i64().unwrap(), want[&id].2);
     }
     assert_eq!(channels[1]["channel_name"], "azure-east");
+    // The CSV form adds the channels after a blank line.
+    let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+        .args(["reconcile", "--format", "csv", "--sqlite-path"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    let (_, channels_csv) = csv.split_once("\n\n").expect("a channel section");
+    let expected: Vec<String> = std::iter::once(
+        "channel_id,channel_name,missing_requests,missing_quota,excess_requests,excess_quota"
+            .to_string(),
+    )
+    .chain(
+        [(1, "openai-main"), (2, "azure-east"), (3, "claude-direct")].map(|(id, name)| {
+            let (q, n, x) = want[&id];
+            format!("{id},{name},{n},{q},0,{x}")
+        }),
+    )
+    .collect();
+    assert_eq!(channels_csv.lines().collect::<Vec<_>>(), expected);
     // The table names the channel first.
     let table = reconcile_table(&db);
     assert!(

@@ -396,6 +396,6 @@ fn a_skewed_row_at_the_edge_of_an_uneven_window_nets_out_on_every_poll() {
     }
 }
 
-mod current;
+pub(crate) mod current;
 mod drift;
 mod incident_and_backfill;
