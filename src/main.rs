@@ -19,7 +19,13 @@ fn init_logging(log: &LogArgs) {
     let filter = Targets::new()
         .with_default(log.log_level)
         .with_target("sqlx", drivers)
-        .with_target("rustls", drivers);
+        .with_target("rustls", drivers)
+        // sqlx prints each connection parameter it does not know, value included: a libpq
+        // `sslpassword` would reach the log in clear at any level.
+        .with_target(
+            "sqlx_postgres::options",
+            tracing::level_filters::LevelFilter::OFF,
+        );
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);

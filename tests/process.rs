@@ -260,16 +260,28 @@ fn passwords_never_appear_in_errors_or_help() {
             "--sql-dsn",
             "newapi:s3cr3t-pw@tcp(127.0.0.1:notaport)/newapi",
         ),
+        (
+            "--sql-dsn",
+            "postgres://newapi@127.0.0.1:1/newapi?password=s3cr3t-pw",
+        ),
+        (
+            "--sql-dsn",
+            "postgresql://127.0.0.1:1/newapi?user=newapi&sslmode=disable&password=s3cr3t-pw",
+        ),
+        (
+            "--sql-dsn",
+            "postgres://newapi:s3cr3t-pw@127.0.0.1:1/logs?sslpassword=s3cr3t-pw",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
-            .args(["check", flag, dsn])
+            .args(["check", "--log.level", "trace", flag, dsn])
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{dsn}");
         assert!(!err.contains("s3cr3t"), "password leaked: {err}");
         assert!(
-            err.contains("newapi:***@") || err.contains("SQL_DSN"),
+            err.contains("newapi:***@") || err.contains("password=***") || err.contains("SQL_DSN"),
             "{err}"
         );
         assert!(!err.contains("panicked"), "{err}");
@@ -285,7 +297,21 @@ fn passwords_never_appear_in_errors_or_help() {
         help.contains("SQL_DSN") && !help.contains("s3cr3t"),
         "{help}"
     );
-    // The landing page of a serving exporter masks it too.
+    // The landing page and the logs of a serving exporter mask it too, in every form.
+    let exp = Running::start(&[
+        "--log.level",
+        "debug",
+        "--sql-dsn",
+        "postgres://newapi@127.0.0.1:1/newapi?password=s3cr3t-pw",
+    ]);
+    let (_, page) = exp.get("/");
+    assert!(page.contains("newapi?password=***"), "{page}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, page) = exp.get("/");
+    assert!(!page.contains("s3cr3t"), "{page}");
+    let logged = exp.stderr_lines().join("\n");
+    assert!(!logged.contains("s3cr3t"), "{logged}");
+    drop(exp);
     let exp = Running::start(&["--sql-dsn", "newapi:s3cr3t-pw@tcp(127.0.0.1:1)/newapi"]);
     let (_, page) = exp.get("/");
     assert!(

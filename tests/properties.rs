@@ -75,6 +75,41 @@ proptest! {
         prop_assert!(!format!("{err:#}").contains(&password), "{}", err);
     }
 
+    /// A secret in any position a driver reads it from (URL credentials, `password` or
+    /// `sslpassword` parameters in any case and order, MySQL credentials, ClickHouse URLs): the
+    /// description, the debug form and any parse error never show it.
+    #[test]
+    fn a_secret_in_any_dsn_position_is_never_shown(
+        secret in "S3[A-Za-z0-9_.~-]{6,14}",
+        form in 0usize..8,
+        key in prop_oneof![Just("password"), Just("PASSWORD"), Just("sslpassword"), Just("Password")],
+        extra in prop_oneof![Just(""), Just("sslmode=require&"), Just("application_name=a@b&")],
+    ) {
+        let dsn = match form {
+            0 => format!("postgres://newapi:{secret}@db:5432/newapi?{extra}sslmode=disable"),
+            1 => format!("postgres://newapi@db:5432/newapi?{extra}{key}={secret}"),
+            2 => format!("postgresql://db/newapi?{extra}user=newapi&{key}={secret}&connect_timeout=5"),
+            3 => format!("postgres://newapi:{secret}@db/newapi?{key}={secret}"),
+            4 => format!("newapi:{secret}@tcp(db:3306)/newapi?{extra}tls=true"),
+            5 => format!("newapi:{secret}@unix(/run/mysqld.sock)/newapi"),
+            6 => format!("clickhouse://default:{secret}@clickhouse:9000/new_api_logs"),
+            _ => format!("https://default@ch:8443/logs?{extra}{key}={secret}"),
+        };
+        let shown = newapi_exporter::db::mask_password(&dsn);
+        prop_assert!(!shown.contains(&secret), "{}", shown);
+        match DbConfig::from_dsn(Some(&dsn), Path::new("x.db")) {
+            Ok(cfg) => {
+                prop_assert!(!cfg.describe().contains(&secret), "{}", cfg.describe());
+                let debug = format!("{:?}", cfg);
+                prop_assert!(!debug.contains(&secret), "{}", debug);
+            }
+            Err(e) => {
+                let e = format!("{:#}", e);
+                prop_assert!(!e.contains(&secret), "{}", e);
+            }
+        }
+    }
+
     #[test]
     fn postgres_urls_are_masked(password in "PW[A-Za-z0-9_.~-]{4,16}", host in "[a-z]{1,10}") {
         let url = format!("postgres://newapi:{password}@{host}:5432/newapi?sslmode=require");

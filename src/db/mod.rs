@@ -209,17 +209,81 @@ pub(crate) fn once(e: sqlx::Error, doing: String) -> anyhow::Error {
     anyhow::anyhow!("{doing}: {e}")
 }
 
-/// Masks the password in a connection string for display (`user:***@host`).
+/// Query parameters that carry a secret in a connection string (libpq's `password` and
+/// `sslpassword`; the short forms some drivers take).
+const SECRET_PARAMS: &[&str] = &["password", "sslpassword", "pass", "pwd"];
+
+/// Masks every password in a connection string for display: the one in the credentials
+/// (`user:***@host`), and the value of every secret query parameter (`?password=***`). Both the
+/// URL form (`postgres://`, `clickhouse://`, ...) and go-sql-driver's MySQL form are read the way
+/// their drivers read them. A URL password holding `?` must be percent-encoded (libpq and the URL
+/// parsers require it too).
 pub fn mask_password(dsn: &str) -> String {
-    let Some(at) = dsn.rfind('@') else {
-        return dsn.to_string();
+    let (start, at, query) = match dsn.find("://").map(|i| i + 3) {
+        Some(body) => {
+            // The credentials end at the last `@` before the query (a password may hold a raw
+            // `@`, `:` or `/`).
+            let query = dsn[body..].find('?').map_or(dsn.len(), |q| body + q);
+            (body, dsn[body..query].rfind('@').map(|a| body + a), query)
+        }
+        None => {
+            // go-sql-driver: the last `/` ends the address, the last `@` before it the
+            // credentials; the query follows the database name.
+            let slash = dsn.rfind('/');
+            let at = dsn[..slash.unwrap_or(dsn.len())].rfind('@');
+            let query = slash
+                .and_then(|s| dsn[s..].find('?').map(|q| s + q))
+                .unwrap_or(dsn.len());
+            (0, at, query)
+        }
     };
-    let head = &dsn[..at];
-    let start = head.find("://").map(|i| i + 3).unwrap_or(0);
-    match head[start..].find(':') {
-        Some(colon) => format!("{}:***{}", &head[..start + colon], &dsn[at..]),
-        None => dsn.to_string(),
+    let mut out = String::with_capacity(dsn.len());
+    match at {
+        Some(at) => {
+            let creds = &dsn[start..at];
+            out.push_str(&dsn[..start]);
+            match creds.find(':') {
+                Some(colon) => {
+                    out.push_str(&creds[..colon]);
+                    out.push_str(":***");
+                }
+                None => out.push_str(creds),
+            }
+            out.push_str(&dsn[at..query]);
+        }
+        None => out.push_str(&dsn[..query]),
     }
+    out.push_str(&mask_secret_params(&dsn[query..]));
+    out
+}
+
+/// Masks the value of every secret parameter in a query string (`?a=1&password=x`): each
+/// `key=value` that follows a `?` or `&`, up to the next `&`.
+fn mask_secret_params(query: &str) -> String {
+    let mut out = String::with_capacity(query.len());
+    let mut rest = query;
+    while let Some(sep) = rest.find(['?', '&']) {
+        out.push_str(&rest[..=sep]);
+        rest = &rest[sep + 1..];
+        let end = rest.find('&').unwrap_or(rest.len());
+        let param = &rest[..end];
+        match param.split_once('=') {
+            Some((k, _)) if SECRET_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) => {
+                out.push_str(k);
+                out.push_str("=***");
+                rest = &rest[end..];
+            }
+            // Not a secret: copy up to the next separator (a `?` inside a value starts a scan
+            // of its own).
+            _ => {
+                let next = rest.find(['?', '&']).unwrap_or(rest.len());
+                out.push_str(&rest[..next]);
+                rest = &rest[next..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The gateway's databases: the main one, and the one holding `logs` when the gateway runs with
@@ -278,6 +342,30 @@ mod tests {
             "postgres://u@host/db"
         );
         assert_eq!(mask_password("/data/one-api.db"), "/data/one-api.db");
+        assert_eq!(
+            mask_password("postgres://u@db:5432/newapi?password=S3cr3t"),
+            "postgres://u@db:5432/newapi?password=***"
+        );
+        assert_eq!(
+            mask_password("postgresql://db/newapi?user=u&Password=S3cr3t&sslmode=require"),
+            "postgresql://db/newapi?user=u&Password=***&sslmode=require"
+        );
+        assert_eq!(
+            mask_password("postgres://u:p@s/s@db/newapi?sslpassword=k3y&options=a@b"),
+            "postgres://u:***@db/newapi?sslpassword=***&options=a@b"
+        );
+        assert_eq!(
+            mask_password("postgresql://db/newapi?application_name=a@b&password=S3cr3t"),
+            "postgresql://db/newapi?application_name=a@b&password=***"
+        );
+        assert_eq!(
+            mask_password("clickhouse://default:pw@clickhouse:9000/new_api_logs"),
+            "clickhouse://default:***@clickhouse:9000/new_api_logs"
+        );
+        assert_eq!(
+            mask_password("root:p/a@ss@tcp(db:3306)/newapi?tls=true"),
+            "root:***@tcp(db:3306)/newapi?tls=true"
+        );
     }
 
     #[test]
