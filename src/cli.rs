@@ -416,10 +416,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A literal path (no route syntax: `{`, `:` or `*` are ordinary characters), reachable in
+/// the percent-encoded form a client sends.
 fn parse_telemetry_path(s: &str) -> Result<String, String> {
     if !s.starts_with('/') || s == "/" || s.starts_with("/-/") {
         return Err(format!(
             "{s:?} must start with / and must not be / or under /-/ (those serve the landing page and probes)"
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| matches!(c, '?' | '#') || c.is_control()) {
+        return Err(format!(
+            "{s:?} holds {c:?}, which cannot be part of a URL path"
         ));
     }
     Ok(s.to_string())

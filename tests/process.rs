@@ -325,3 +325,50 @@ fn passwords_never_appear_in_errors_or_help() {
     let (_, metrics) = exp.get("/metrics");
     assert!(!metrics.contains("s3cr3t"));
 }
+
+/// `--web.telemetry-path` is a literal: route syntax is served as written, a non-ASCII path is
+/// reachable in the percent-encoded form clients send, and nothing else matches it.
+#[test]
+fn any_valid_telemetry_path_is_served_exactly_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_db(dir.path());
+    for (path, request) in [
+        ("/:metrics", "/:metrics"),
+        ("/{x}", "/%7Bx%7D"),
+        ("/métriques", "/m%C3%A9triques"),
+    ] {
+        let exp = Running::start(&[
+            "--sqlite-path",
+            db.to_str().unwrap(),
+            "--web.telemetry-path",
+            path,
+        ]);
+        exp.wait_ready(Duration::from_secs(30));
+        let (status, body) = exp.get(request);
+        assert_eq!(status, 200, "{path}");
+        assert!(body.contains("newapi_up 1"), "{path}");
+        for other in ["/anything", "/metrics", "/x"] {
+            assert_eq!(exp.get(other).0, 404, "{path}: {other}");
+        }
+        let (_, page) = exp.get("/");
+        assert!(
+            page.contains(&format!("href=\"{request}\"")),
+            "{path}: {page}"
+        );
+    }
+    for bad in ["metrics", "/", "/-/metrics", "/a?b", "/a#b"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+            .args([
+                "--sqlite-path",
+                db.to_str().unwrap(),
+                "--web.telemetry-path",
+                bad,
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad}");
+        assert!(err.contains("--web.telemetry-path"), "{bad}: {err}");
+        assert!(!err.contains("panicked"), "{bad}: {err}");
+    }
+}

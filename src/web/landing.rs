@@ -7,12 +7,31 @@ use std::time::UNIX_EPOCH;
 use axum::extract::State;
 use axum::response::Html;
 use html_escape::encode_text as esc;
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::clock::{duration, rfc3339};
 use crate::poll::Status;
 use crate::reconcile::format;
 use crate::schema::Generation;
 use crate::snapshot::Shared;
+
+/// What a link's path must escape (RFC 3986: everything but unreserved, sub-delims, `:@/`).
+const PATH: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'|')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'[')
+    .add(b']');
 
 pub async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) -> Html<String> {
     let snap = shared.snapshot();
@@ -64,7 +83,9 @@ table.cmp{{border-collapse:collapse;font-size:0.85em}} .cmp th,.cmp td{{border:1
         generation = esc(generation),
         cursor = st.logs_cursor,
         recording = recording,
-        metrics = html_escape::encode_double_quoted_attribute(&metrics_path),
+        metrics = html_escape::encode_double_quoted_attribute(
+            &utf8_percent_encode(&metrics_path, PATH).to_string()
+        ),
     ))
 }
 

@@ -10,25 +10,39 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use percent_encoding::percent_decode_str;
 
 use crate::snapshot::Shared;
 use landing::landing;
 
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// The routes. The metrics path is a literal, not a route pattern: it is compared with each
+/// request's percent-decoded path, so any path (`/:metrics`, `/{x}`, `/métriques`) is served
+/// exactly where it says and nowhere else.
 pub fn router(shared: Arc<Shared>, telemetry_path: &str) -> Router {
     let metrics_path = telemetry_path.to_string();
+    let literal = telemetry_path.to_string();
     Router::new()
-        .route(telemetry_path, get(metrics))
         .route(
             "/",
             get(move |s: State<Arc<Shared>>| landing(s, metrics_path.clone())),
         )
         .route("/-/healthy", get(|| async { "OK\n" }))
         .route("/-/ready", get(ready))
+        .fallback(move |s: State<Arc<Shared>>, method: Method, uri: Uri| {
+            let is_metrics = percent_decode_str(uri.path()).decode_utf8_lossy() == literal;
+            async move {
+                match (is_metrics, method) {
+                    (true, Method::GET | Method::HEAD) => metrics(s).await,
+                    (true, _) => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+                    (false, _) => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+                }
+            }
+        })
         .with_state(shared)
 }
 
