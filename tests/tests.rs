@@ -15,4 +15,5 @@ mod otlp;
 mod process;
 mod properties;
 mod recording_health;
+mod security;
 mod web_config;

@@ -36,7 +36,7 @@ fn agent(tls: &Tls) -> ureq::Agent {
         .new_agent()
 }
 
-fn basic(user: &str, password: &str) -> String {
+pub(crate) fn basic(user: &str, password: &str) -> String {
     let b = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     format!("Basic {b}")
 }
@@ -152,4 +152,16 @@ fn web_config_mistakes_are_named() {
     assert!(err.contains("client_auth_type"), "{err}");
     let err = start_error("http_server_config:\n  headers: {}\n", dir.path());
     assert!(err.contains("http_server_config"), "{err}");
+    // An empty user list would serve without authentication what was meant to be protected.
+    for empty in [
+        "basic_auth_users:\n",
+        "basic_auth_users: {}\n",
+        "basic_auth_users: ~\n",
+    ] {
+        let err = start_error(empty, dir.path());
+        assert!(
+            err.contains("basic_auth_users is empty"),
+            "{empty:?}: {err}"
+        );
+    }
 }

@@ -16,7 +16,9 @@ use crate::poll::{Poller, connector};
 use crate::snapshot::Shared;
 use crate::web::{
     self,
-    config::{BasicAuth, WebConfig, require_auth},
+    auth::{BasicAuth, require_auth},
+    config::WebConfig,
+    server::{self, Limits},
 };
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -117,36 +119,20 @@ async fn serve(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Resu
         }
     };
     let signal_stop = stop_polling.clone();
-    match web_config.rustls()? {
-        None => {
-            let addr = listener.local_addr()?;
-            tracing::info!("listening on http://{addr}{}", web.telemetry_path);
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    shutdown_signal().await;
-                    signal_stop();
-                })
-                .await?;
-        }
-        Some(tls) => {
-            let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
-            let handle = axum_server::Handle::new();
-            let signal_handle = handle.clone();
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                signal_stop();
-                signal_handle.graceful_shutdown(Some(std::time::Duration::from_millis(500)));
-            });
-            let server = axum_server::from_tcp_rustls(listener.into_std()?, tls)?
-                .handle(handle.clone())
-                .serve(app.into_make_service());
-            let task = tokio::spawn(server);
-            if let Some(addr) = handle.listening().await {
-                tracing::info!("listening on https://{addr}{}", web.telemetry_path);
-            }
-            task.await??;
-        }
-    }
+    let tls = web_config.rustls()?;
+    let limits = Limits::for_this_process();
+    tracing::debug!(?limits, "connection limits");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(
+        "listening on {scheme}://{}{}",
+        listener.local_addr()?,
+        web.telemetry_path
+    );
+    server::serve(listener, app, tls, limits, async move {
+        shutdown_signal().await;
+        signal_stop();
+    })
+    .await?;
     stop_polling();
     tokio::task::spawn_blocking(move || {
         let _ = poll_thread.join();

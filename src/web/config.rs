@@ -18,11 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -57,6 +52,19 @@ impl WebConfig {
             .with_context(|| format!("cannot read --web.config.file {}", path.display()))?;
         let file: File = serde_yaml_ng::from_str(&text)
             .with_context(|| format!("--web.config.file {}", path.display()))?;
+        // `basic_auth_users:` with nothing under it reads as "no users": it would silently serve
+        // without authentication what the operator meant to protect.
+        let raw: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
+            .with_context(|| format!("--web.config.file {}", path.display()))?;
+        if let Some(users) = raw.get("basic_auth_users")
+            && users.as_mapping().is_none_or(|m| m.is_empty())
+        {
+            bail!(
+                "{}: basic_auth_users is empty: list at least one user with a bcrypt hash, or \
+                 remove the setting to serve without authentication",
+                path.display()
+            );
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let mut cfg = WebConfig::default();
         if let Some(tls) = file.tls_server_config {
@@ -126,71 +134,5 @@ impl WebConfig {
             .context("the TLS certificate and key do not match")?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Some(config))
-    }
-}
-
-/// Users allowed in; empty means no authentication.
-#[derive(Clone, Default)]
-pub struct BasicAuth(Arc<BTreeMap<String, String>>);
-
-impl BasicAuth {
-    pub fn new(users: BTreeMap<String, String>) -> Self {
-        BasicAuth(Arc::new(users))
-    }
-
-    pub fn enabled(&self) -> bool {
-        !self.0.is_empty()
-    }
-
-    /// Checks `Authorization: Basic ...` against the bcrypt hashes.
-    fn check(&self, header: Option<&HeaderValue>) -> bool {
-        let Some(creds) = header
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Basic "))
-            .and_then(|b| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(b.trim())
-                    .ok()
-            })
-            .and_then(|b| String::from_utf8(b).ok())
-        else {
-            return false;
-        };
-        let Some((user, password)) = creds.split_once(':') else {
-            return false;
-        };
-        match self.0.get(user) {
-            Some(hash) => bcrypt::verify(password, hash).unwrap_or(false),
-            None => {
-                // Spend the same time on unknown users as on known ones.
-                let _ = bcrypt::verify(
-                    password,
-                    "$2b$10$CwTycUXWue0Thq9StjUM0uJ8T1r1N0bBfM1CJ2V1H7nQf3FEaDAzW",
-                );
-                false
-            }
-        }
-    }
-}
-
-/// Middleware: every route needs valid credentials when users are configured.
-pub async fn require_auth(State(auth): State<BasicAuth>, req: Request, next: Next) -> Response {
-    if !auth.enabled() {
-        return next.run(req).await;
-    }
-    let header = req.headers().get(header::AUTHORIZATION).cloned();
-    // bcrypt is deliberately slow: keep it off the async workers.
-    let ok = tokio::task::spawn_blocking(move || auth.check(header.as_ref()))
-        .await
-        .unwrap_or(false);
-    if ok {
-        next.run(req).await
-    } else {
-        (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Basic realm=\"newapi-exporter\"")],
-            "Unauthorized\n",
-        )
-            .into_response()
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Handlers only read the last published snapshot; none touches the database.
 
+pub mod auth;
 pub mod config;
 mod landing;
+pub mod server;
 
 use std::sync::Arc;
 

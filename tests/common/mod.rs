@@ -206,9 +206,15 @@ impl Running {
 
     /// Like [`Running::start`], with extra environment variables.
     pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Running {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
-            .args(args)
-            .envs(envs.iter().copied())
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"));
+        cmd.args(args).envs(envs.iter().copied());
+        Self::start_command(cmd)
+    }
+
+    /// Starts `cmd` (which runs the exporter, perhaps through a shell) with
+    /// `--web.listen-address 127.0.0.1:0` appended, and waits for it to listen.
+    pub fn start_command(mut cmd: Command) -> Running {
+        let mut child = cmd
             .args(["--web.listen-address", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
