@@ -1,6 +1,6 @@
 //! Benchmarks that print figures (see docs/benchmarks.md for results and how to read them).
 //!
-//!   cargo bench --bench exporter -- [cold-start|poll|scrape|rss|writer|query-exporter|all]
+//!   cargo bench --bench exporter -- [cold-start|poll|scrape|rss|writer|query-exporter|all|soak]
 //!
 //! Databases are generated once into target/bench-data/ with `newapi-exporter generate`.
 
@@ -473,6 +473,77 @@ fn which(name: &str) -> Result<PathBuf, ()> {
         .ok_or(())
 }
 
+/// VmRSS of a process, in KiB.
+fn vm_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The sum and count of the poll-duration histogram in a scrape.
+fn poll_totals(addr: &str) -> (f64, f64) {
+    let text = ureq::get(format!("http://{addr}/metrics"))
+        .call()
+        .map(|mut r| r.body_mut().read_to_string().unwrap_or_default())
+        .unwrap_or_default();
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("newapi_exporter_poll_duration_seconds_sum"),
+        value("newapi_exporter_poll_duration_seconds_count"),
+    )
+}
+
+/// The demo gateway writing 50 requests/s while the exporter polls every second, for
+/// `BENCH_SOAK_MINUTES` (default 30): RSS and mean poll time per minute, first and last five.
+fn soak() {
+    let minutes: u64 = std::env::var("BENCH_SOAK_MINUTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    println!("\n== soak: demo gateway at 50 requests/s, poll every 1 s, {minutes} minutes");
+    let db = data_dir().join("soak.db");
+    let _ = std::fs::remove_file(&db);
+    newapi_exporter::demo::create(&db, Duration::from_secs(6 * 3600), 42).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let gateway = {
+        let (db, stop) = (db.clone(), stop.clone());
+        std::thread::spawn(move || newapi_exporter::demo::write_live(&db, 50.0, stop, 9))
+    };
+    let e = Exporter::start(&db, &["--poll-interval", "1s"]);
+    e.wait_ready();
+    let mut rows = Vec::new();
+    let mut last = poll_totals(&e.addr);
+    for minute in 1..=minutes {
+        std::thread::sleep(Duration::from_secs(60));
+        let now = poll_totals(&e.addr);
+        let polls = now.1 - last.1;
+        let mean_ms = if polls > 0.0 { (now.0 - last.0) / polls * 1000.0 } else { 0.0 };
+        rows.push((minute, vm_rss_kib(e.pid()) as f64 / 1024.0, polls, mean_ms));
+        last = now;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = gateway.join();
+    let shown: Vec<_> = if rows.len() > 10 {
+        rows[..5].iter().chain(&rows[rows.len() - 5..]).collect()
+    } else {
+        rows.iter().collect()
+    };
+    println!("minute  RSS MiB  polls  mean poll ms");
+    for (m, rss, polls, ms) in shown {
+        println!("{m:>6}  {rss:>7.1}  {polls:>5}  {ms:>12.2}");
+    }
+}
+
 fn main() {
     let arg = std::env::args()
         .skip(1)
@@ -496,5 +567,9 @@ fn main() {
     }
     if all || arg == "query-exporter" {
         query_exporter();
+    }
+    // Thirty minutes by default: run on its own.
+    if arg == "soak" {
+        soak();
     }
 }
