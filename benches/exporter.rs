@@ -527,7 +527,11 @@ fn soak() {
         std::thread::sleep(Duration::from_secs(60));
         let now = poll_totals(&e.addr);
         let polls = now.1 - last.1;
-        let mean_ms = if polls > 0.0 { (now.0 - last.0) / polls * 1000.0 } else { 0.0 };
+        let mean_ms = if polls > 0.0 {
+            (now.0 - last.0) / polls * 1000.0
+        } else {
+            0.0
+        };
         rows.push((minute, vm_rss_kib(e.pid()) as f64 / 1024.0, polls, mean_ms));
         last = now;
     }

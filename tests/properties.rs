@@ -155,3 +155,90 @@ fn random_model_names_survive_the_whole_path() {
     got.sort();
     assert_eq!(got, want);
 }
+
+/// A time a row may hold: plausible, milliseconds, or anything at all.
+fn any_time() -> impl Strategy<Value = i64> {
+    let now = newapi_exporter::clock::unix_now();
+    prop_oneof![
+        4 => (now - 30 * 3600)..(now + 3600),
+        1 => 1_577_836_800_000i64..1_900_000_000_000,
+        1 => any::<i64>(),
+        1 => Just(i64::MAX),
+        1 => Just(i64::MIN),
+    ]
+}
+
+/// An amount a row may hold: ordinary, or anything at all.
+fn any_amount() -> impl Strategy<Value = i64> {
+    prop_oneof![4 => 0i64..100_000, 1 => any::<i64>(), 1 => Just(i64::MAX), 1 => Just(i64::MIN)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Arbitrary rows in both tables: every poll ends quickly without a panic, the exporter
+    /// stays up, and exactly the rows the plausibility rules name are set aside.
+    #[test]
+    fn arbitrary_rows_never_stall_a_poll(
+        current in any::<bool>(),
+        logs in proptest::collection::vec((any_time(), any_amount(), any_amount(), 0i64..8), 0..40),
+        qd in proptest::collection::vec((any_time(), any_amount(), any_amount()), 0..40),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("fuzz.db");
+        let tables = if current { Tables::NewApiCurrent } else { Tables::NewApiOlder };
+        let gw = Gateway::create(&db, tables).unwrap();
+        let now = newapi_exporter::clock::unix_now();
+        let mut expected: std::collections::BTreeMap<(String, String), f64> = Default::default();
+        let mut expect = |table: &str, created_at: i64, amounts: &[i64]| {
+            // The poll runs a moment later than this: a row dated right at the edge of the
+            // plausible future could be judged either way, so none is generated there.
+            if let Some(r) = newapi_exporter::collect::plausible::Reason::of_row(created_at, amounts, now) {
+                *expected.entry((table.to_string(), r.as_str().to_string())).or_default() += 1.0;
+            }
+        };
+        for (t, quota, tokens, ty) in &logs {
+            gw.conn.execute(
+                "INSERT INTO logs (user_id, username, created_at, type, model_name, quota, prompt_tokens,
+                   completion_tokens, channel_id, `group`) VALUES (1, 'u', ?1, ?2, 'm', ?3, ?4, 1, 1, 'g')",
+                rusqlite::params![t, ty, quota, tokens],
+            ).unwrap();
+            expect("logs", *t, &[*quota, *tokens, 1]);
+        }
+        for (t, count, quota) in &qd {
+            gw.conn.execute(
+                "INSERT INTO quota_data (user_id, username, model_name, created_at, token_used, count, quota)
+                 VALUES (1, 'u', 'm', ?1, 1, ?2, ?3)",
+                rusqlite::params![t, count, quota],
+            ).unwrap();
+            expect("quota_data", *t, &[*count, *quota, 1]);
+        }
+        let edge = |t: i64| t.saturating_sub(now + 86_400).unsigned_abs() < 120;
+        prop_assume!(!logs.iter().any(|r| edge(r.0)) && !qd.iter().any(|r| edge(r.0)));
+        let mut exp = InProcess::new(&db);
+        for _ in 0..2 {
+            let started = std::time::Instant::now();
+            let samples = exp.poll();
+            prop_assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+            prop_assert_eq!(series(&samples, "newapi_up")[&labels(&[])], 1.0);
+            let rejected: std::collections::BTreeMap<(String, String), f64> =
+                series(&samples, "newapi_exporter_rows_rejected_total")
+                    .into_iter()
+                    .map(|(l, v)| ((l["table"].clone(), l["reason"].clone()), v))
+                    .collect();
+            prop_assert_eq!(&rejected, &expected);
+        }
+    }
+
+    /// Any text as `--web.config.file`: loaded or refused with an error naming the file, never
+    /// a panic.
+    #[test]
+    fn any_web_config_text_is_handled(text in ".{0,200}") {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("web.yml");
+        std::fs::write(&path, &text).unwrap();
+        if let Err(e) = newapi_exporter::web::config::WebConfig::load(&path) {
+            prop_assert!(format!("{e:#}").contains("web.yml"), "{:#}", e);
+        }
+    }
+}

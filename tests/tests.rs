@@ -15,5 +15,6 @@ mod otlp;
 mod process;
 mod properties;
 mod recording_health;
+mod robustness;
 mod security;
 mod web_config;

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use anyhow::Result;
 use prometheus::proto::MetricFamily;
 
+use super::plausible::{Limits, MAX_AMOUNT, Reason};
 use super::{Admission, Collector, Context, LabelSettings, OTHER};
 use crate::db::{Database, Dialect, Engine, Sources, Value};
 use crate::metrics::{self as m, Family};
@@ -58,7 +59,7 @@ const GAP_BATCH: usize = 500;
 pub struct LogsCollector {
     /// The aggregate statement up to its WHERE condition, built for this schema. Parameters:
     /// the hour range twice, the consume type with `flags_unmirrored`, the hour range twice more
-    /// with `per_channel`, then the condition's.
+    /// with `per_channel`, the plausibility limits, then the condition's.
     select_sql: String,
     /// Whether the select list tests the consume type for the unmirrored flag (one parameter
     /// after the hour ranges).
@@ -110,8 +111,10 @@ const C_ID: usize = 16;
 /// The token id and username of rows in range (current generation; NULL otherwise).
 const C_TOKEN: usize = 17;
 const C_PAIR_USERNAME: usize = 18;
+/// Why the group's rows are set aside (0: plausible rows; see `plausible`).
+const C_FLAG: usize = 19;
 /// The username, selected and grouped by only with `--labels.user`.
-const C_USERNAME: usize = 19;
+const C_USERNAME: usize = 20;
 
 impl LogsCollector {
     pub fn new(schema: &Schema, dialect: Dialect, labels: &LabelSettings) -> Self {
@@ -153,23 +156,35 @@ impl LogsCollector {
             "0".to_string()
         };
         let id = d.ident("id");
+        // A group of rows whose amounts are out of range sums to nothing (its sums could
+        // overflow); the group is set aside by its flag.
+        let amounts = [quota.clone(), prompt.clone(), completion.clone()];
+        let amounts_ok = Limits::amounts_ok_sql(&amounts);
+        let sound =
+            |expr: &str| d.sum_int(&format!("CASE WHEN {amounts_ok} THEN {expr} ELSE 0 END"));
+        let flag = Limits::flag_sql(&created, &amounts);
         let select_sql = format!(
             "SELECT {ty}, {model}, {channel}, {group}, \
                CASE WHEN {in_range} THEN {created} - {created} % 3600 ELSE NULL END, \
                CASE WHEN {in_range} THEN {user} ELSE NULL END, \
                {unmirrored}, COUNT(*), {pos}, {neg}, {sum_prompt}, {sum_completion}, {use_time}, \
-               {sum_quota}, MIN({created}), MAX({created}), MIN({id}), {token}, {pair_user}{username} \
+               {sum_quota}, MIN({created}), MAX({created}), MIN({id}), {token}, {pair_user}, \
+               {flag}{username} \
              FROM logs WHERE ",
             model = d.text_key(&d.ident("model_name")),
             channel = cols.or(d, "channel_id", "NULL"),
             group = d.text_key(&cols.or(d, "group", "NULL")),
             user = cols.or(d, "user_id", "0"),
-            pos = d.sum_int(&format!("CASE WHEN {quota} > 0 THEN {quota} ELSE 0 END")),
-            neg = d.sum_int(&format!("CASE WHEN {quota} < 0 THEN -{quota} ELSE 0 END")),
-            sum_prompt = d.sum_int(&prompt),
-            sum_completion = d.sum_int(&completion),
-            use_time = d.sum_int(&cols.or(d, "use_time", "0")),
-            sum_quota = d.sum_int(&quota),
+            pos = sound(&format!("CASE WHEN {quota} > 0 THEN {quota} ELSE 0 END")),
+            neg = sound(&format!("CASE WHEN {quota} < 0 THEN -{quota} ELSE 0 END")),
+            sum_prompt = sound(&prompt),
+            sum_completion = sound(&completion),
+            // use_time is whole seconds of one request: clamped like the amounts.
+            use_time = sound(&format!(
+                "CASE WHEN {u} BETWEEN 0 AND {MAX_AMOUNT} THEN {u} ELSE 0 END",
+                u = cols.or(d, "use_time", "0")
+            )),
+            sum_quota = sound(&quota),
             token = in_range_column("token_id", d.ident("token_id")),
             pair_user = in_range_column("username", d.text_key(&d.ident("username"))),
             username = if labels.user {
@@ -181,10 +196,10 @@ impl LogsCollector {
         // The token and username columns are constant NULLs unless per channel: grouping by
         // them would only widen every sort key of the cold start.
         let group = match (per_channel, labels.user) {
-            (true, true) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18, 19, 20",
-            (true, false) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18, 19",
-            (false, true) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 20",
-            (false, false) => " GROUP BY 1, 2, 3, 4, 5, 6, 7",
+            (true, true) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18, 19, 20, 21",
+            (true, false) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18, 19, 20",
+            (false, true) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 20, 21",
+            (false, false) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 20",
         };
         LogsCollector {
             select_sql,
@@ -281,6 +296,7 @@ impl LogsCollector {
                 all.extend([Value::Int(from), Value::Int(until)]);
             }
         }
+        all.extend(ctx.plausible().flag_params().map(Value::Int));
         all.extend_from_slice(params);
         let group = if by_row {
             self.group_by_row_sql.as_str()
@@ -326,6 +342,13 @@ impl LogsCollector {
         let uint = |i: usize| int(i).max(0) as u64;
         let label = |i: usize| row.get(i).map(Value::to_label).unwrap_or_default();
         let rows = uint(C_ROWS);
+        let set_aside = Reason::of_flag(int(C_FLAG));
+        if let Some(reason) = set_aside {
+            ctx.reject("logs", reason, int(C_ID), rows);
+            if !reason.still_counted() {
+                return rows;
+            }
+        }
         let ty = int(C_TYPE);
         let counted = ty == LOG_TYPE_CONSUME
             || (self.errors_and_refunds && (ty == LOG_TYPE_ERROR || ty == LOG_TYPE_REFUND));
@@ -333,7 +356,8 @@ impl LogsCollector {
             return rows;
         }
         let model = label(C_MODEL);
-        if ty == LOG_TYPE_CONSUME {
+        // Rows set aside for their time count in the usage counters only.
+        if ty == LOG_TYPE_CONSUME && set_aside.is_none() {
             let (first, latest) = (int(C_FIRST), int(C_LATEST));
             let rec = &mut ctx.recording;
             let unmirrored = int(C_UNMIRRORED) != 0;

@@ -8,6 +8,7 @@
 pub mod channels;
 pub mod logs;
 pub mod options;
+pub mod plausible;
 pub mod quota_data;
 pub mod recording_health;
 
@@ -25,6 +26,7 @@ use crate::schema::Schema;
 use channels::ChannelsCollector;
 use logs::LogsCollector;
 use options::OptionsCollector;
+use plausible::{Limits, Reason};
 use quota_data::QuotaDataCollector;
 use recording_health::RecordingHealthCollector;
 
@@ -182,6 +184,11 @@ pub struct Context {
     pub folded: BTreeMap<&'static str, usize>,
     /// Rows read this poll, by table, for `newapi_exporter_rows_read_total`.
     pub rows_read: BTreeMap<&'static str, u64>,
+    /// Rows set aside this poll, by table and reason, for
+    /// `newapi_exporter_rows_rejected_total`.
+    pub rows_rejected: BTreeMap<(&'static str, Reason), u64>,
+    /// (table, reason) pairs already logged: each is logged once, with a row's id.
+    rejections_logged: HashSet<(&'static str, Reason)>,
     pub settings: Settings,
     /// Highest `logs.id` ingested, kept by the logs collector.
     pub logs_cursor: i64,
@@ -209,6 +216,8 @@ impl Context {
             channel_names: HashMap::new(),
             options: GatewayOptions::default(),
             rows_read: BTreeMap::new(),
+            rows_rejected: BTreeMap::new(),
+            rejections_logged: HashSet::new(),
             folded: BTreeMap::new(),
             settings,
             logs_cursor: 0,
@@ -249,12 +258,33 @@ impl Context {
         let since = hour_of(since) - HOUR;
         match self.settings.fixed_range {
             Some(_) => (since, until.saturating_add(HOUR)),
-            None => (since, i64::MAX),
+            // Rows dated further ahead are set aside, not kept hour by hour.
+            None => (since, self.plausible().latest.saturating_add(1)),
         }
     }
 
     pub fn count_rows(&mut self, table: &'static str, n: u64) {
         *self.rows_read.entry(table).or_default() += n;
+    }
+
+    /// The limits a row must keep to this poll.
+    pub fn plausible(&self) -> Limits {
+        Limits::at(self.now)
+    }
+
+    /// Counts `n` rows of `table` set aside for `reason`; the first time for this table and
+    /// reason, logs it with the id of one such row.
+    pub fn reject(&mut self, table: &'static str, reason: Reason, id: i64, n: u64) {
+        *self.rows_rejected.entry((table, reason)).or_default() += n;
+        if self.rejections_logged.insert((table, reason)) {
+            tracing::warn!(
+                table,
+                reason = reason.as_str(),
+                id,
+                "a row was set aside: it is left out of the reconciliation (counted in \
+                 newapi_exporter_rows_rejected_total; logged once per reason)"
+            );
+        }
     }
 
     /// True once shutdown was requested: long reads stop between chunks.

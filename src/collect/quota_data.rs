@@ -9,11 +9,12 @@
 //! chunks, plus any row inserted there later (found through the id cursor). An increment to a
 //! frozen hour after start-up (a very late flush) shows in the counters after the next restart.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::Result;
 use prometheus::proto::MetricFamily;
 
+use super::plausible::{Limits, MIN_TIME, Reason};
 use super::{Admission, Collector, Context, OTHER};
 use crate::clock::{HOUR, hour_of};
 use crate::db::{Database, Dialect, Sources, Value};
@@ -22,6 +23,9 @@ use crate::reconcile::{HourKey, PairKey, QdHour};
 
 /// Hours re-read by one statement.
 const LIVE_CHUNK_HOURS: i64 = 6;
+/// Most rows one look for implausible rows returns; ids remembered as counted.
+const REJECT_SCAN: usize = 1000;
+const REJECTED_IDS_MAX: usize = 100_000;
 /// Every poll re-reads only the hours that can still change (the unsettled ones); the whole
 /// window is re-read this often, so that a late change to a settled hour (a backfill, a very
 /// late flush) shows too.
@@ -75,6 +79,11 @@ struct LiveRow {
 pub struct QuotaDataCollector {
     frozen_sql: String,
     live_sql: String,
+    amount_rejects_sql: String,
+    future_sql: String,
+    next_time_sql: String,
+    /// Ids of rows already counted as set aside (re-read rows are counted once).
+    rejected_ids: HashSet<i64>,
     /// Rows keyed by all eight columns, and compared per channel (current generation).
     per_channel: bool,
     max_id_sql: String,
@@ -102,17 +111,41 @@ impl QuotaDataCollector {
         let d = dialect;
         let (id, created) = (d.ident("id"), d.ident("created_at"));
         let model = d.text_key(&d.ident("model_name"));
+        // Rows whose amounts are out of range add nothing (their sums could overflow) and are
+        // counted apart: the row count and the sums cover plausible rows only.
+        let amounts = [d.ident("count"), d.ident("quota"), d.ident("token_used")];
+        let ok = Limits::amounts_ok_sql(&amounts);
+        let sound = |expr: &str| d.sum_int(&format!("CASE WHEN {ok} THEN {expr} ELSE 0 END"));
         let sums = format!(
-            "COUNT(*), {}, {}, {}",
-            d.sum_int(&d.ident("count")),
-            d.sum_int(&d.ident("quota")),
-            d.sum_int(&d.ident("token_used")),
+            "{}, {}, {}, {}, {}",
+            sound("1"),
+            sound(&amounts[0]),
+            sound(&amounts[1]),
+            sound(&amounts[2]),
+            d.sum_int(&format!("CASE WHEN {ok} THEN 0 ELSE 1 END")),
         );
+        let flag = Limits::flag_sql(&created, &amounts);
         QuotaDataCollector {
-            // Parameters: id range, frozen boundary.
+            // Parameters: plausibility limits, id range, frozen boundary.
             frozen_sql: format!(
-                "SELECT {model}, {sums}, MAX({created}) FROM quota_data \
-                 WHERE {id} BETWEEN ? AND ? AND {created} < ? GROUP BY 1"
+                "SELECT {model}, {sums}, MAX({created}), {flag}, MIN({id}), COUNT(*) FROM quota_data \
+                 WHERE {id} BETWEEN ? AND ? AND {created} < ? GROUP BY 1, 8"
+            ),
+            // Parameters: created_at range.
+            amount_rejects_sql: format!(
+                "SELECT {id} FROM quota_data WHERE {created} >= ? AND {created} < ? AND NOT {ok} \
+                 ORDER BY {id} LIMIT {REJECT_SCAN}"
+            ),
+            // Parameters: the latest plausible time.
+            future_sql: format!(
+                "SELECT {id}, {created}, {count}, {quota}, {tokens} FROM quota_data \
+                 WHERE {created} > ? ORDER BY {created} LIMIT {REJECT_SCAN}",
+                count = amounts[0],
+                quota = amounts[1],
+                tokens = amounts[2],
+            ),
+            next_time_sql: format!(
+                "SELECT MIN({created}) FROM quota_data WHERE {created} >= ? AND {created} < ?"
             ),
             // Parameters: created_at range.
             live_sql: if per_channel {
@@ -141,8 +174,10 @@ impl QuotaDataCollector {
             // The range to re-read, and a fingerprint of it: the gateway only ever increments
             // `count` or inserts rows, so any flush changes the row count or a sum.
             bounds_sql: format!(
-                "SELECT MIN({created}), MAX({created}), {sums} FROM quota_data WHERE {created} >= ?"
+                "SELECT MIN({created}), MAX({created}), {sums} FROM quota_data \
+                 WHERE {created} >= ? AND {created} < ?"
             ),
+            rejected_ids: HashSet::new(),
             started: false,
             frozen_below: i64::MIN,
             cursor: 0,
@@ -167,25 +202,27 @@ impl QuotaDataCollector {
                 break;
             }
             let hi = lo.saturating_add(ctx.chunk_rows() - 1).min(top);
-            let rows = db.query(
-                &self.frozen_sql,
-                &[
-                    Value::Int(lo),
-                    Value::Int(hi),
-                    Value::Int(self.frozen_below),
-                ],
-            )?;
+            let mut params: Vec<Value> = ctx.plausible().flag_params().map(Value::Int).to_vec();
+            params.extend([lo, hi, self.frozen_below].map(Value::Int));
+            let rows = db.query(&self.frozen_sql, &params)?;
             for r in rows {
                 let model = r[0].to_label();
                 let n = |i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
-                ctx.count_rows("quota_data", n(1).max(0) as u64);
+                ctx.count_rows("quota_data", n(9).max(0) as u64);
+                // A quota_data row is an hour's sum: dated outside the plausible hours it
+                // belongs to none, and is set aside whole (as the rows dated ahead, which are
+                // never read hour by hour).
+                if let Some(reason) = Reason::of_flag(n(7)) {
+                    ctx.reject("quota_data", reason, n(8), n(9).max(0) as u64);
+                    continue;
+                }
                 self.frozen.entry(model.clone()).or_default().add(&Totals {
                     requests: n(2),
                     quota: n(3),
                     tokens: n(4),
                 });
                 let newest = self.frozen_newest_hour.entry(model).or_insert(i64::MIN);
-                *newest = (*newest).max(hour_of(n(5)));
+                *newest = (*newest).max(hour_of(n(6)));
             }
             self.cursor = hi;
         }
@@ -195,8 +232,9 @@ impl QuotaDataCollector {
         Ok(())
     }
 
-    /// Re-reads every row of hours at or after `from` (at or after `frozen_below`); unless
-    /// `full`, only when their fingerprint changed since the last poll.
+    /// Re-reads every row of hours at or after `from` (at or after `frozen_below`) up to the
+    /// latest plausible time; unless `full`, only when their fingerprint changed since the last
+    /// poll. All or nothing: a failed read leaves the previous state as it was.
     fn read_live(
         &mut self,
         db: &mut dyn Database,
@@ -205,50 +243,84 @@ impl QuotaDataCollector {
         full: bool,
     ) -> Result<bool> {
         let from = from.max(self.frozen_below);
-        let bounds = db.query(&self.bounds_sql, &[Value::Int(from)])?;
+        let until = ctx.plausible().latest.saturating_add(1);
+        let bounds = db.query(&self.bounds_sql, &[Value::Int(from), Value::Int(until)])?;
         let fingerprint = (from, bounds.first().cloned().unwrap_or_default());
         if !full && self.live_fingerprint.as_ref() == Some(&fingerprint) {
             return Ok(false);
         }
-        self.live_fingerprint = Some(fingerprint);
-        // Hours before `from` keep what was read before; the rest is read again and compared.
-        let before = self.live.split_off(&first_key(from));
-        let mut live = BTreeMap::new();
         let b = bounds.first();
         let min = b.and_then(|r| r.first()).and_then(Value::as_i64);
-        let max = b.and_then(|r| r.get(1)).and_then(Value::as_i64);
-        if let (Some(min), Some(max)) = (min, max) {
-            let mut from = min;
-            while from <= max {
-                let to = from.saturating_add(LIVE_CHUNK_HOURS * HOUR);
-                let rows = db.query(&self.live_sql, &[Value::Int(from), Value::Int(to)])?;
-                for r in rows {
-                    let n = |i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
-                    let text = |i: usize| r.get(i).map(Value::to_label).unwrap_or_default();
-                    let pair = PairKey {
-                        user_id: n(1),
-                        model: text(3),
-                        channel_id: n(6),
-                        group: text(4),
-                        token_id: n(5),
-                        username: text(2),
-                    };
-                    let key = (hour_of(n(0)), pair, text(7));
-                    ctx.count_rows("quota_data", n(8).max(0) as u64);
-                    let e: &mut LiveRow = live.entry(key).or_default();
-                    e.rows += n(8);
-                    e.totals.add(&Totals {
-                        requests: n(9),
-                        quota: n(10),
-                        tokens: n(11),
-                    });
+        let mut live = BTreeMap::new();
+        let mut implausible = false;
+        // Statements cover LIVE_CHUNK_HOURS each, and skip to the next hour that has rows: the
+        // number of statements follows the rows present, not the span between two values.
+        let mut next = min;
+        while let Some(chunk_from) = next.filter(|t| *t < until) {
+            let to = chunk_from
+                .saturating_add(LIVE_CHUNK_HOURS * HOUR)
+                .min(until);
+            let rows = db.query(&self.live_sql, &[Value::Int(chunk_from), Value::Int(to)])?;
+            for r in rows {
+                let n = |i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
+                let text = |i: usize| r.get(i).map(Value::to_label).unwrap_or_default();
+                implausible |= n(12) > 0;
+                if n(8) == 0 {
+                    continue;
                 }
-                from = to;
+                let pair = PairKey {
+                    user_id: n(1),
+                    model: text(3),
+                    channel_id: n(6),
+                    group: text(4),
+                    token_id: n(5),
+                    username: text(2),
+                };
+                let key = (hour_of(n(0)), pair, text(7));
+                ctx.count_rows("quota_data", n(8).max(0) as u64);
+                let e: &mut LiveRow = live.entry(key).or_default();
+                e.rows += n(8);
+                e.totals.add(&Totals {
+                    requests: n(9),
+                    quota: n(10),
+                    tokens: n(11),
+                });
+            }
+            next = first_int(&db.query(&self.next_time_sql, &[Value::Int(to), Value::Int(until)])?);
+        }
+        if implausible {
+            let ids = db.query(
+                &self.amount_rejects_sql,
+                &[Value::Int(from), Value::Int(until)],
+            )?;
+            for id in ids.iter().filter_map(|r| r.first().and_then(Value::as_i64)) {
+                self.reject_once(ctx, id, Reason::AmountOutOfRange);
             }
         }
+        if full {
+            // Rows dated beyond the latest plausible time are never read hour by hour: count
+            // them (through the created_at index) at each full re-read.
+            let latest = ctx.plausible().latest;
+            for r in db.query(&self.future_sql, &[Value::Int(latest)])? {
+                let n = |i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
+                if let Some(reason) = Reason::of_row(n(1), &[n(2), n(3), n(4)], ctx.now) {
+                    self.reject_once(ctx, n(0), reason);
+                }
+            }
+        }
+        // Only now, with everything read, does the new state replace the old one.
+        self.live_fingerprint = Some(fingerprint);
+        let before = self.live.split_off(&first_key(from));
         let changed = live != before;
         self.live.append(&mut live);
         Ok(changed)
+    }
+
+    /// Counts a re-read row as set aside the first time it is seen.
+    fn reject_once(&mut self, ctx: &mut Context, id: i64, reason: Reason) {
+        if self.rejected_ids.len() < REJECTED_IDS_MAX && self.rejected_ids.insert(id) {
+            ctx.reject("quota_data", reason, id, 1);
+        }
     }
 
     /// Moves live hours older than `below` into the frozen totals.
@@ -273,6 +345,10 @@ impl QuotaDataCollector {
     }
 }
 
+fn first_int(rows: &[Vec<Value>]) -> Option<i64> {
+    rows.first()?.first()?.as_i64()
+}
+
 impl Collector for QuotaDataCollector {
     fn name(&self) -> &'static str {
         "quota_data"
@@ -282,6 +358,8 @@ impl Collector for QuotaDataCollector {
         let db = src.main();
         let (live_from, live_until) = ctx.hourly_range();
         let mut changed = !self.started;
+        // Rows dated before 2020 are read once, with the frozen hours, and set aside.
+        let live_from = live_from.max(MIN_TIME);
         if !self.started {
             self.frozen_below = live_from;
         } else {
@@ -301,12 +379,14 @@ impl Collector for QuotaDataCollector {
         }
         let full = ctx.now.saturating_sub(self.last_full_read) >= FULL_REREAD_SECS;
         let from = if full {
-            self.last_full_read = ctx.now;
             self.frozen_below
         } else {
             ctx.settled_until()
         };
         changed |= self.read_live(db, ctx, from, full)?;
+        if full {
+            self.last_full_read = ctx.now;
+        }
         self.started = true;
         if !changed {
             // quota_data only changes when a gateway node flushes: keep what was built.

@@ -1,9 +1,15 @@
 //! `check`: what the exporter finds in the gateway's database, without serving anything.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
 use anyhow::Result;
 
 use super::reconcile::open_db;
 use crate::cli::DbArgs;
+use crate::clock::unix_now;
+use crate::collect::Settings;
+use crate::poll::Pipeline;
 use crate::schema::Schema;
 
 pub fn run(args: &DbArgs) -> Result<()> {
@@ -34,5 +40,23 @@ pub fn run(args: &DbArgs) -> Result<()> {
             .map(|v| v.to_label())
             .unwrap_or_default()
     );
+    // One full read, as a cold start makes it: what would be set aside.
+    let settings = Settings {
+        chunk_rows: args.chunk_rows,
+        ..Settings::default()
+    };
+    let mut pipeline = Pipeline::build(&mut src, settings, Arc::new(AtomicBool::new(false)))?;
+    pipeline.poll(&mut src, unix_now())?;
+    let rejected = &pipeline.ctx.rows_rejected;
+    if rejected.is_empty() {
+        println!("implausible rows: none");
+    } else {
+        println!(
+            "implausible rows (left out of the reconciliation; the first of each is logged with its id):"
+        );
+        for ((table, reason), n) in rejected {
+            println!("  {table}: {n} {}", reason.as_str());
+        }
+    }
     Ok(())
 }

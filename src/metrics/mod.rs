@@ -270,6 +270,13 @@ pub const EXPORTER_ROWS_READ_TOTAL: MetricDef = MetricDef {
     otel_name: "newapi.exporter.rows_read",
     otel_unit: "{row}",
 };
+pub const EXPORTER_ROWS_REJECTED_TOTAL: MetricDef = MetricDef {
+    name: "newapi_exporter_rows_rejected_total",
+    help: "Rows set aside as implausible (millisecond, pre-2020 or future timestamps; amounts beyond 32 bits), by table and reason: left out of the reconciliation.",
+    kind: Kind::Counter,
+    otel_name: "newapi.exporter.rows_rejected",
+    otel_unit: "{row}",
+};
 pub const EXPORTER_LAST_POLL_TIMESTAMP_SECONDS: MetricDef = MetricDef {
     name: "newapi_exporter_last_poll_timestamp_seconds",
     help: "Unix time the last poll finished, successful or not.",
@@ -352,6 +359,7 @@ pub const ALL: &[MetricDef] = &[
     EXPORTER_POLL_DURATION_SECONDS,
     EXPORTER_POLL_ERRORS_TOTAL,
     EXPORTER_ROWS_READ_TOTAL,
+    EXPORTER_ROWS_REJECTED_TOTAL,
     EXPORTER_LAST_POLL_TIMESTAMP_SECONDS,
     EXPORTER_LOGS_CURSOR,
     EXPORTER_OTLP_ERRORS_TOTAL,

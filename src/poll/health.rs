@@ -15,6 +15,7 @@ pub struct Health {
     pub poll_duration: Histogram,
     pub poll_errors: IntCounter,
     pub rows_read: IntCounterVec,
+    pub rows_rejected: IntCounterVec,
     pub last_poll: Gauge,
     pub cursor: IntGauge,
     collector_success: GaugeVec,
@@ -48,6 +49,9 @@ impl Health {
             IntCounter::with_opts(opts(&m::EXPORTER_POLL_ERRORS_TOTAL)).expect("valid metric");
         let rows_read =
             IntCounterVec::new(opts(&m::EXPORTER_ROWS_READ_TOTAL), &["table"]).expect("valid");
+        let rows_rejected =
+            IntCounterVec::new(opts(&m::EXPORTER_ROWS_REJECTED_TOTAL), &["table", "reason"])
+                .expect("valid metric");
         let last_poll =
             Gauge::with_opts(opts(&m::EXPORTER_LAST_POLL_TIMESTAMP_SECONDS)).expect("valid metric");
         let cursor = IntGauge::with_opts(opts(&m::EXPORTER_LOGS_CURSOR)).expect("valid metric");
@@ -58,7 +62,8 @@ impl Health {
             &["collector"],
         )
         .expect("valid metric");
-        let all: [Box<dyn prometheus::core::Collector>; 9] = [
+        let all: [Box<dyn prometheus::core::Collector>; 10] = [
+            Box::new(rows_rejected.clone()),
             Box::new(up.clone()),
             Box::new(build_info),
             Box::new(poll_duration.clone()),
@@ -78,6 +83,7 @@ impl Health {
             poll_duration,
             poll_errors,
             rows_read,
+            rows_rejected,
             last_poll,
             cursor,
             collector_success,

@@ -176,6 +176,12 @@ impl Poller {
             for (table, n) in std::mem::take(&mut p.ctx.rows_read) {
                 self.health.rows_read.with_label_values(&[table]).inc_by(n);
             }
+            for ((table, reason), n) in std::mem::take(&mut p.ctx.rows_rejected) {
+                self.health
+                    .rows_rejected
+                    .with_label_values(&[table, reason.as_str()])
+                    .inc_by(n);
+            }
             if self.ready {
                 for c in &p.collectors {
                     c.render(&p.ctx, &mut families);
