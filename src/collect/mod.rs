@@ -194,6 +194,9 @@ pub struct Context {
     pub logs_cursor: i64,
     /// Per-hour aggregates of logs and quota_data, kept by their collectors.
     pub recording: Recording,
+    /// Collectors whose read failed in the current poll: what builds on them keeps its
+    /// previous state rather than publish a half-read one.
+    pub failed: BTreeSet<&'static str>,
     /// The last reconciliation, for the landing page.
     pub report: Option<Arc<Report>>,
     /// Unix time of the current poll.
@@ -222,6 +225,7 @@ impl Context {
             settings,
             logs_cursor: 0,
             recording,
+            failed: BTreeSet::new(),
             report: None,
             now: 0,
             stop,

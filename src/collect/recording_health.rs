@@ -59,6 +59,11 @@ impl Collector for RecordingHealthCollector {
     }
 
     fn poll(&mut self, _src: &mut Sources, ctx: &mut Context) -> Result<()> {
+        // A comparison of half-read inputs would publish false gauges: keep the last one (the
+        // poll reports the failure through newapi_up and the collector's success gauge).
+        if ctx.failed.contains("logs") || ctx.failed.contains("quota_data") {
+            return Ok(());
+        }
         let rec = &ctx.recording;
         if !rec.has_quota_data {
             self.report = None;

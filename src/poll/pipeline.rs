@@ -48,6 +48,7 @@ impl Pipeline {
     /// is returned.
     pub fn poll(&mut self, src: &mut Sources, now: i64) -> Result<()> {
         self.ctx.now = now;
+        self.ctx.failed.clear();
         self.runs.clear();
         let mut first_err = None;
         for c in &mut self.collectors {
@@ -61,6 +62,7 @@ impl Pipeline {
                 seconds: took.as_secs_f64(),
             });
             if let Err(e) = result {
+                self.ctx.failed.insert(c.name());
                 let e = e.context(format!("collector {}", c.name()));
                 if first_err.is_none() {
                     first_err = Some(e);

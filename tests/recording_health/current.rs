@@ -1,6 +1,14 @@
 //! The current generation (2026-06-20 on): quota_data keyed by eight columns, one row per
 //! channel, token, group and node. Checked against an SQL oracle written for that key.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use newapi_exporter::db::dsn::DbConfig;
+use newapi_exporter::db::{Database, Dialect, Sources, Value};
+use newapi_exporter::poll::Poller;
+use newapi_exporter::snapshot::Shared;
+
 use super::incident_and_backfill::backfill;
 use super::*;
 
@@ -295,4 +303,126 @@ fn each_generation_is_named_by_check_and_the_info_metric() {
         };
         assert!(text.contains(expected), "{tables:?}: {text}");
     }
+}
+
+/// A database whose statements containing `needle` fail while `fail` is set: a busy timeout,
+/// a network error or an overflow in the middle of a poll.
+struct FailingTable {
+    inner: Box<dyn Database>,
+    needle: &'static str,
+    fail: Arc<AtomicBool>,
+}
+
+impl Database for FailingTable {
+    fn dialect(&self) -> Dialect {
+        self.inner.dialect()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn table_columns(&mut self, table: &str) -> anyhow::Result<Option<Vec<String>>> {
+        self.inner.table_columns(table)
+    }
+    fn query(&mut self, sql: &str, params: &[Value]) -> anyhow::Result<Vec<Vec<Value>>> {
+        if self.fail.load(Ordering::Relaxed) && sql.contains(self.needle) {
+            anyhow::bail!("injected failure: {sql}");
+        }
+        self.inner.query(sql, params)
+    }
+    fn upsert_all(
+        &mut self,
+        update: &str,
+        insert: &str,
+        items: &[(Vec<Value>, Vec<Value>)],
+    ) -> anyhow::Result<usize> {
+        self.inner.upsert_all(update, insert, items)
+    }
+}
+
+fn recording_gauges(samples: &[Sample]) -> BTreeMap<(String, Labels), f64> {
+    samples
+        .iter()
+        .filter(|s| s.name.starts_with("newapi_quota_data_") && !s.name.ends_with("_total"))
+        .map(|s| ((s.name.clone(), s.labels.clone()), s.value))
+        .collect()
+}
+
+/// A poll is all or nothing per collector: a failed read of quota_data, in the first poll or a
+/// later one, keeps the previous state and says so (`newapi_up 0`, the collector's success 0);
+/// after recovery the gauges match the SQL oracle.
+#[test]
+fn a_failed_read_never_publishes_half_read_gauges() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    build_current(&db, &[2]);
+    let fail = Arc::new(AtomicBool::new(true));
+    let connect = {
+        let (db, fail) = (db.clone(), fail.clone());
+        move || -> anyhow::Result<Sources> {
+            let inner = newapi_exporter::db::connect(&DbConfig::Sqlite(db.clone()))?;
+            // quota_data's re-read of recent hours, after its other statements succeeded.
+            let failing = FailingTable {
+                inner,
+                needle: "GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
+                fail: fail.clone(),
+            };
+            Ok(Sources::new(Box::new(failing), None))
+        }
+    };
+    let mut poller = Poller::new(
+        Box::new(connect),
+        "failing".into(),
+        newapi_exporter::collect::Settings::default(),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let shared = Shared::default();
+    let mut poll = || {
+        poller.poll_once(&shared);
+        parse_metrics(&shared.snapshot().text)
+    };
+    let up = |s: &[Sample]| series(s, "newapi_up")[&labels(&[])];
+    let qd_success = |s: &[Sample]| {
+        series(s, "newapi_exporter_collector_success")[&labels(&[("collector", "quota_data")])]
+    };
+    // The first poll fails on quota_data after the schema was read.
+    let first = poll();
+    assert_eq!(up(&first), 0.0);
+    assert!(
+        recording_gauges(&first).is_empty(),
+        "nothing half-read is published"
+    );
+    fail.store(false, Ordering::Relaxed);
+    let recovered = poll();
+    assert_eq!(up(&recovered), 1.0);
+    assert_eq!(qd_success(&recovered), 1.0);
+    assert_gauges_match_oracle(&db, &recovered);
+    let want = channel_oracle(&db);
+    let missing = by_channel(&recovered, "newapi_quota_data_channel_missing_quota");
+    for (channel, (q, _, _)) in &want {
+        assert_eq!(missing[channel], *q, "channel {channel}");
+    }
+    // A later failure, in the re-read a flush calls for: the gauges stay as they were, and the
+    // failure shows.
+    Connection::open(&db)
+        .unwrap()
+        .execute(
+            "INSERT INTO quota_data (user_id, username, model_name, created_at, use_group, token_id,
+               channel_id, node_name, token_used, count, quota)
+             VALUES (1, 'user1', 'gpt-4o', ?1, 'default', 10, 2, 'node-c', 5, 1, 777)",
+            [unix_now() - unix_now().rem_euclid(HOUR)],
+        )
+        .unwrap();
+    fail.store(true, Ordering::Relaxed);
+    let failed = poll();
+    assert_eq!(up(&failed), 0.0);
+    assert_eq!(qd_success(&failed), 0.0);
+    assert_eq!(recording_gauges(&failed), recording_gauges(&recovered));
+    fail.store(false, Ordering::Relaxed);
+    let again = poll();
+    assert_eq!(up(&again), 1.0);
+    let gpt = |s: &[Sample]| {
+        series(s, "newapi_quota_data_quota_total")[&labels(&[("model", "gpt-4o")])]
+    };
+    assert_eq!(gpt(&failed), gpt(&recovered));
+    assert_eq!(gpt(&again) - gpt(&recovered), 777.0, "the flush shows once read");
 }
