@@ -193,3 +193,74 @@ fn a_failing_collector_is_named_by_its_success_gauge() {
     assert_eq!(failed, ["channels"]);
     assert_eq!(series(&samples, "newapi_up")[&labels(&[])], 0.0);
 }
+
+fn usage_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| l.starts_with("newapi_requests_total") || l.starts_with("newapi_quota_total"))
+        .map(String::from)
+        .collect()
+}
+
+fn wait_for(exp: &Running, what: &str, mut ok: impl FnMut(&Running) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok(exp) {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn up(exp: &Running) -> f64 {
+    series(&parse_metrics(&exp.get("/metrics").1), "newapi_up")[&labels(&[])]
+}
+
+/// A database file moved away, then replaced by an unreadable file: the last values stay with
+/// `newapi_up 0`, `/-/ready` says why, the log says what happened; the file back in place is
+/// read again, and its counters carry on.
+#[test]
+fn a_vanished_or_unreadable_file_keeps_the_last_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    demo::create(&db, Duration::from_secs(3 * 3600), 4).unwrap();
+    let exp = Running::start(&[
+        "--sqlite-path",
+        db.to_str().unwrap(),
+        "--poll-interval",
+        "200ms",
+    ]);
+    exp.wait_ready(Duration::from_secs(30));
+    let before = usage_lines(&exp.get("/metrics").1);
+    assert!(before.len() > 10);
+
+    let away = dir.path().join("moved.db");
+    std::fs::rename(&db, &away).unwrap();
+    wait_for(&exp, "newapi_up turns 0", |e| up(e) == 0.0);
+    assert_eq!(
+        usage_lines(&exp.get("/metrics").1),
+        before,
+        "the last values stay"
+    );
+    let (status, body) = exp.get("/-/ready");
+    assert_eq!(status, 503);
+    assert!(body.contains("is gone"), "{body}");
+    assert!(
+        exp.stderr_lines().iter().any(|l| l.contains("is gone")),
+        "the log says what happened"
+    );
+    assert!(
+        !exp.stderr_lines()
+            .iter()
+            .any(|l| l.contains("was replaced"))
+    );
+
+    // An unreadable file in its place: still the last values.
+    std::fs::write(&db, b"this is not a database").unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(up(&exp), 0.0);
+    assert_eq!(usage_lines(&exp.get("/metrics").1), before);
+
+    // The original file back: read again, and the counters carry on from where they were.
+    std::fs::rename(&away, &db).unwrap();
+    wait_for(&exp, "newapi_up turns 1", |e| up(e) == 1.0);
+    assert_eq!(exp.get("/-/ready").0, 200);
+    assert_eq!(usage_lines(&exp.get("/metrics").1), before);
+}

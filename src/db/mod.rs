@@ -76,10 +76,11 @@ pub trait Database: Send {
     /// no transaction is held open across calls.
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>>;
 
-    /// True when the connection no longer reads what its address names: a SQLite file that
-    /// was replaced (a restored backup) keeps being readable through the old inode.
-    fn is_replaced(&self) -> bool {
-        false
+    /// For a database in a file: what is at its path now, `Some(None)` when nothing readable
+    /// is (device and inode otherwise). An open SQLite connection keeps reading the file it
+    /// opened even after it was moved, deleted or replaced, so the path is what tells.
+    fn file_at_path(&self) -> Option<Option<(u64, u64)>> {
+        None
     }
 
     /// The one write the exporter makes (`backfill`): in a single transaction, for each item
@@ -309,9 +310,12 @@ impl Sources {
         }
     }
 
-    /// Whether any database was replaced since it was opened.
-    pub fn is_replaced(&self) -> bool {
-        self.main.is_replaced() || self.logs.as_ref().is_some_and(|l| l.is_replaced())
+    /// What is at the path of each database in a file (see [`Database::file_at_path`]).
+    pub fn files(&self) -> Vec<Option<(u64, u64)>> {
+        std::iter::once(&self.main)
+            .chain(&self.logs)
+            .filter_map(|d| d.file_at_path())
+            .collect()
     }
 
     /// Human-readable description of every database in use, passwords masked.

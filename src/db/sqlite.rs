@@ -34,8 +34,6 @@ fn retry_every_millisecond(attempt: i32) -> bool {
 pub struct SqliteDb {
     path: PathBuf,
     conn: Connection,
-    /// (device, inode) of the file when it was opened.
-    identity: Option<(u64, u64)>,
 }
 
 #[cfg(unix)]
@@ -44,9 +42,10 @@ fn identity(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
+/// Without inodes, only whether the file is there.
 #[cfg(not(unix))]
-fn identity(_: &Path) -> Option<(u64, u64)> {
-    None
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    path.exists().then_some((0, 0))
 }
 
 impl SqliteDb {
@@ -82,7 +81,6 @@ impl SqliteDb {
             })?;
         Ok(SqliteDb {
             path: path.to_path_buf(),
-            identity: identity(path),
             conn,
         })
     }
@@ -119,8 +117,10 @@ impl Database for SqliteDb {
         format!("sqlite:{}", self.path.display())
     }
 
-    fn is_replaced(&self) -> bool {
-        self.identity.is_some() && identity(&self.path) != self.identity
+    fn file_at_path(&self) -> Option<Option<(u64, u64)>> {
+        // Unreadable counts as gone: the exporter could not open it again.
+        let readable = std::fs::File::open(&self.path).is_ok();
+        Some(identity(&self.path).filter(|_| readable))
     }
 
     fn table_columns(&mut self, table: &str) -> Result<Option<Vec<String>>> {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result, bail};
 use prometheus::IntCounter;
 use prometheus::proto::MetricFamily;
 
@@ -73,6 +73,9 @@ pub struct Poller {
     database: String,
     outage: Option<String>,
     ready: bool,
+    /// What was at the database files' paths when the pipeline was built: another file there
+    /// later is another database.
+    built_on: Vec<Option<(u64, u64)>>,
 }
 
 impl Poller {
@@ -97,22 +100,50 @@ impl Poller {
             database,
             outage: None,
             ready: false,
+            built_on: Vec::new(),
         }
     }
 
     /// One poll: every collector runs even when another fails; the first error is returned.
     fn poll_collectors(&mut self) -> Result<()> {
-        if self.sources.as_ref().is_some_and(Sources::is_replaced) {
-            // A different database now: its totals replace ours (like an exporter restart).
-            tracing::warn!(
-                "{} was replaced (a new file at the same path): reading it from the start",
-                self.database
-            );
-            self.sources = None;
-            self.pipeline = None;
+        if let Some(src) = &self.sources {
+            let files = src.files();
+            if files.iter().any(Option::is_none) {
+                // Moved away, deleted or unreadable: the open connection would go on reading
+                // the old file. Keep the last values (newapi_up 0) until it is back.
+                self.sources = None;
+                bail!(
+                    "{} is gone (moved, deleted or unreadable): serving the last values until it is back",
+                    self.database
+                );
+            }
+            if self.pipeline.is_some() && files != self.built_on {
+                self.sources = None;
+            }
         }
         if self.sources.is_none() {
-            self.sources = Some((self.connect)()?);
+            let mut fresh = (self.connect)()?;
+            let files = fresh.files();
+            if self.pipeline.is_some() && files != self.built_on {
+                // A different database at the same path (a restored backup): its totals
+                // replace ours, like an exporter restart. Built before the old state goes, so
+                // an unreadable replacement costs nothing.
+                let pipeline =
+                    Pipeline::build(&mut fresh, self.settings.clone(), self.stop.clone())
+                        .with_context(|| {
+                            format!(
+                                "{} was replaced by a file that cannot be read",
+                                self.database
+                            )
+                        })?;
+                tracing::warn!(
+                    "{} was replaced (a new file at the same path): reading it from the start",
+                    self.database
+                );
+                self.pipeline = Some(pipeline);
+                self.built_on = files;
+            }
+            self.sources = Some(fresh);
         }
         let src = self.sources.as_mut().expect("connected above");
         if self.pipeline.is_none() {
@@ -121,6 +152,7 @@ impl Poller {
                 self.settings.clone(),
                 self.stop.clone(),
             )?);
+            self.built_on = src.files();
         }
         let pipeline = self.pipeline.as_mut().expect("built above");
         let result = pipeline.poll(src, unix_now());

@@ -54,7 +54,16 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn ready(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.snapshot().status.ready {
+    let snap = shared.snapshot();
+    let status = &snap.status;
+    if let (true, Some(error)) = (status.ready, &status.last_error) {
+        // The last values are still served (with newapi_up 0), but nothing current.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the last read of the gateway's database failed: {error}\n"),
+        )
+            .into_response()
+    } else if status.ready {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (

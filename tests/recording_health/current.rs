@@ -420,9 +420,12 @@ fn a_failed_read_never_publishes_half_read_gauges() {
     fail.store(false, Ordering::Relaxed);
     let again = poll();
     assert_eq!(up(&again), 1.0);
-    let gpt = |s: &[Sample]| {
-        series(s, "newapi_quota_data_quota_total")[&labels(&[("model", "gpt-4o")])]
-    };
+    let gpt =
+        |s: &[Sample]| series(s, "newapi_quota_data_quota_total")[&labels(&[("model", "gpt-4o")])];
     assert_eq!(gpt(&failed), gpt(&recovered));
-    assert_eq!(gpt(&again) - gpt(&recovered), 777.0, "the flush shows once read");
+    assert_eq!(
+        gpt(&again) - gpt(&recovered),
+        777.0,
+        "the flush shows once read"
+    );
 }
