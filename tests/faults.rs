@@ -264,3 +264,71 @@ fn a_vanished_or_unreadable_file_keeps_the_last_values() {
     assert_eq!(exp.get("/-/ready").0, 200);
     assert_eq!(usage_lines(&exp.get("/metrics").1), before);
 }
+
+/// Ids given out again: every row is counted once. The table purged and written to again
+/// before the next poll; the newest row deleted and its id reused; ids of zero and below.
+#[test]
+fn rows_are_counted_once_when_ids_are_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    demo::create(&db, Duration::from_secs(2 * 3600), 6).unwrap();
+    let conn = Connection::open(&db).unwrap();
+    let insert = |id: Option<i64>, created_at: i64| {
+        conn.execute(
+            "INSERT INTO logs (id, user_id, created_at, type, model_name, quota, prompt_tokens, completion_tokens, channel_id)
+             VALUES (?1, 1, ?2, 2, 'gpt-4o', 5, 1, 1, 1)",
+            rusqlite::params![id, created_at],
+        )
+        .unwrap();
+    };
+    let now = newapi_exporter::clock::unix_now();
+    // An import's ids of zero and below count like any other.
+    insert(Some(0), now - 7200);
+    insert(Some(-5), now - 7200);
+    let mut exp = InProcess::new(&db);
+    let mut counted = requests(&exp.poll());
+    assert_eq!(
+        counted,
+        consume_count(&db),
+        "ids of zero and below are counted"
+    );
+
+    // The newest row deleted, and its id given out again to a new row.
+    let newest: i64 = conn
+        .query_row("SELECT MAX(id) FROM logs", [], |r| r.get(0))
+        .unwrap();
+    conn.execute("DELETE FROM logs WHERE id = ?1", [newest])
+        .unwrap();
+    insert(None, now + 1);
+    let reused: i64 = conn
+        .query_row("SELECT MAX(id) FROM logs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(reused, newest, "SQLite gives the id out again");
+    let after = requests(&exp.poll());
+    assert_eq!(
+        after,
+        counted + 1.0,
+        "the row with the reused id is counted"
+    );
+    counted = after;
+
+    // Purged, and written to again before the next poll: the new rows count, once.
+    conn.execute("DELETE FROM logs", []).unwrap();
+    for i in 0..4 {
+        insert(None, now + 2 + i);
+    }
+    let after = requests(&exp.poll());
+    assert_eq!(
+        after,
+        counted + 4.0,
+        "rows written after a purge are counted"
+    );
+    assert_eq!(requests(&exp.poll()), counted + 4.0, "and only once");
+    counted += 4.0;
+
+    // Purged and left empty, then written to.
+    conn.execute("DELETE FROM logs", []).unwrap();
+    assert_eq!(requests(&exp.poll()), counted);
+    insert(None, now + 10);
+    assert_eq!(requests(&exp.poll()), counted + 1.0);
+}

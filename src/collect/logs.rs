@@ -21,6 +21,14 @@ use crate::schema::{LOG_TYPE_CONSUME, LOG_TYPE_ERROR, LOG_TYPE_REFUND, Schema};
 /// Labels of every usage series, in order.
 pub const USAGE_LABELS: [&str; 4] = ["model", "channel_id", "channel_name", "group"];
 
+/// The newest row counted, as it was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NewestRow {
+    id: i64,
+    created_at: i64,
+    quota: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct UsageKey {
     model: String,
@@ -77,6 +85,12 @@ pub struct LogsCollector {
     errors_and_refunds: bool,
     has_use_time: bool,
     cursor: i64,
+    /// The row at the cursor when it was read: tells whether the rows counted are still there.
+    newest: Option<NewestRow>,
+    /// The row with one id (created_at, quota).
+    row_sql: String,
+    /// The smallest id of a row written after a time.
+    first_after_sql: String,
     usage: HashMap<UsageKey, Usage>,
     /// Whether commits can become visible out of id order (MySQL, PostgreSQL).
     track_gaps: bool,
@@ -201,7 +215,11 @@ impl LogsCollector {
             (false, true) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 20, 21",
             (false, false) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 20",
         };
+        let row_sql = format!("SELECT {created}, {quota} FROM logs WHERE {id} = ?");
+        let first_after_sql = format!("SELECT MIN({id}) FROM logs WHERE {created} > ?");
         LogsCollector {
+            row_sql,
+            first_after_sql,
             select_sql,
             flags_unmirrored: has_unmirrored,
             per_channel,
@@ -215,7 +233,10 @@ impl LogsCollector {
             max_id_sql: format!("SELECT MAX({id}) FROM logs", id = d.ident("id")),
             errors_and_refunds: schema.generation.has_error_and_refund_logs(),
             has_use_time: cols.has("use_time"),
-            cursor: 0,
+            // Ids may be zero or negative (an import): every one counts.
+            cursor: i64::MIN,
+            newest: None,
+
             usage: HashMap::new(),
             track_gaps: dialect.0 != Engine::Sqlite,
             keeps_hours: schema.quota_data.is_some(),
@@ -315,6 +336,51 @@ impl LogsCollector {
         }
         ctx.count_rows("logs", read);
         Ok(ids)
+    }
+
+    /// What the row with `id` holds now, if it exists.
+    fn row_at(&self, db: &mut dyn Database, id: i64) -> Result<Option<NewestRow>> {
+        let rows = db.query(&self.row_sql, &[Value::Int(id)])?;
+        Ok(rows.first().map(|r| NewestRow {
+            id,
+            created_at: r.first().and_then(Value::as_i64).unwrap_or(0),
+            quota: r.get(1).and_then(Value::as_i64).unwrap_or(0),
+        }))
+    }
+
+    /// The cursor assumes that the rows up to it are the ones already counted. When the newest
+    /// of them is gone or holds something else (the table was purged, the newest rows deleted
+    /// and their ids given out again), the count resumes after the last row that is still one
+    /// of those: rows written later have a later `created_at`.
+    fn resume_after_deletions(&mut self, db: &mut dyn Database, top: Option<i64>) -> Result<()> {
+        let Some(newest) = self.newest else {
+            return Ok(());
+        };
+        let now_at_cursor = match top {
+            Some(t) if t >= newest.id => self.row_at(db, newest.id)?,
+            _ => None,
+        };
+        if now_at_cursor == Some(newest) {
+            return Ok(());
+        }
+        let first_new =
+            first_int(&db.query(&self.first_after_sql, &[Value::Int(newest.created_at)])?);
+        let resume = match (first_new, top) {
+            (Some(id), _) => id.saturating_sub(1),
+            (None, Some(top)) => top.min(newest.id),
+            (None, None) => i64::MIN,
+        };
+        tracing::warn!(
+            cursor = self.cursor,
+            max_id = ?top,
+            resume_after = resume,
+            "the newest log rows counted so far were deleted or replaced (a purge, or ids given \
+             out again): counting on from the first row written after them"
+        );
+        self.cursor = resume;
+        self.gaps.clear();
+        self.newest = None;
+        Ok(())
     }
 
     /// Looks again for ids that were missing below the cursor; counts those that appeared.
@@ -427,21 +493,11 @@ impl Collector for LogsCollector {
 
     fn poll(&mut self, src: &mut Sources, ctx: &mut Context) -> Result<()> {
         let db = src.logs();
-        let Some(top) = first_int(&db.query(&self.max_id_sql, &[])?) else {
+        let top = first_int(&db.query(&self.max_id_sql, &[])?);
+        self.resume_after_deletions(db, top)?;
+        let Some(top) = top else {
             return Ok(()); // empty table
         };
-        if top < self.cursor {
-            // Only the newest rows being deleted (or the file being replaced) moves the top
-            // down; counters stay monotonic, so carry on from the new top.
-            tracing::warn!(
-                cursor = self.cursor,
-                max_id = top,
-                "logs.id went backwards: newest log rows were deleted; continuing from the new maximum"
-            );
-            self.cursor = top;
-            ctx.logs_cursor = top;
-            return Ok(());
-        }
         if self.track_gaps && !self.gaps.is_empty() {
             self.recheck_gaps(db, ctx)?;
         }
@@ -486,6 +542,9 @@ impl Collector for LogsCollector {
             self.cursor = top;
         }
         ctx.logs_cursor = self.cursor;
+        if self.newest.is_none_or(|n| n.id != self.cursor) {
+            self.newest = self.row_at(db, self.cursor)?;
+        }
         ctx.folded.insert("usage", self.admission.folded());
         Ok(())
     }
