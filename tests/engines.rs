@@ -546,3 +546,63 @@ fn the_current_generation_reads_and_backfills_the_same_on_all_three_engines() {
         assert!(ok && out.contains("nothing to write"), "{server:?}: {out}");
     }
 }
+
+/// Two `backfill --apply` at once write each deficit once, on every engine: the write lock
+/// keeps them apart, and the second re-checks what it planned against.
+#[test]
+fn two_backfills_at_once_write_each_deficit_once() {
+    let test = "two_backfills_at_once_write_each_deficit_once";
+    let dir = tempfile::tempdir().unwrap();
+    let now = fixture_time();
+    let until = until(now);
+    let sqlite = fixture(dir.path(), now);
+    let mut targets: Vec<(String, Vec<String>, Option<TestDb>)> = vec![(
+        "SQLite".into(),
+        vec!["--sqlite-path".into(), sqlite.to_str().unwrap().into()],
+        None,
+    )];
+    for server in SERVERS {
+        let Some(admin) = admin_dsn(server, test) else {
+            continue;
+        };
+        let db = TestDb::create(server, &admin, "twice");
+        db.copy_from_sqlite(&sqlite, &TABLES);
+        targets.push((
+            format!("{server:?}"),
+            vec!["--sql-dsn".into(), db.dsn.clone()],
+            Some(db),
+        ));
+    }
+    for (name, args, _db) in &targets {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let before = report(&args, until);
+        let missing = before["totals"]["missing"]["quota"].as_i64().unwrap();
+        assert!(missing > 0, "{name}");
+        let runs: Vec<_> = (0..2)
+            .map(|_| {
+                let mut cmd = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"));
+                cmd.args(["backfill", "--apply", "--until", &until.to_string()])
+                    .args(&args);
+                std::thread::spawn(move || cmd.output().unwrap())
+            })
+            .collect();
+        for run in runs {
+            let out = run.join().unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let after = report(&args, until);
+        assert_eq!(
+            after["totals"]["missing"]["quota"].as_i64(),
+            Some(0),
+            "{name}"
+        );
+        assert_eq!(
+            after["totals"]["excess"], before["totals"]["excess"],
+            "{name}: nothing written twice"
+        );
+    }
+}

@@ -42,6 +42,7 @@ pub fn plan(
                     token_id: p.token_id,
                     channel_id: p.channel_id,
                 }),
+                recorded: (deficit.recorded.requests, deficit.recorded.quota),
             });
             continue;
         }
@@ -102,6 +103,7 @@ pub fn plan(
             quota: deficit.amount.quota,
             tokens: deficit.tokens,
             channel_key: None,
+            recorded: (deficit.recorded.requests, deficit.recorded.quota),
         });
     }
     Ok(fixes)
@@ -160,7 +162,20 @@ pub fn run(args: &BackfillArgs) -> Result<()> {
         return Ok(());
     }
     let written = add_to_quota_data(src.main(), &fixes)?;
-    println!("wrote {written} quota_data rows: added {req} requests and {quota} quota");
+    let (req, quota): (i64, i64) = written
+        .iter()
+        .fold((0, 0), |a, f| (a.0 + f.requests, a.1 + f.quota));
+    println!(
+        "wrote {} quota_data rows: added {req} requests and {quota} quota",
+        written.len()
+    );
+    if written.len() < fixes.len() {
+        println!(
+            "{} rows left alone: their quota_data changed since this run compared it (another \
+             backfill, or a late flush); run again to see what is still missing",
+            fixes.len() - written.len()
+        );
+    }
     if r.per_channel {
         println!(
             "(rows written with node_name {BACKFILL_NODE_NAME:?}: no gateway node ever updates them)"

@@ -83,15 +83,41 @@ pub trait Database: Send {
         None
     }
 
-    /// The one write the exporter makes (`backfill`): in a single transaction, for each item
-    /// runs `update` with its first parameter list and, when that changed no row, `insert`
-    /// with its second. Returns the number of items written.
-    fn upsert_all(
-        &mut self,
-        update: &str,
-        insert: &str,
-        items: &[(Vec<Value>, Vec<Value>)],
-    ) -> Result<usize>;
+    /// The one write the exporter makes (`backfill`), in a single transaction that holds the
+    /// exporter's write lock (SQLite's write lock; an advisory lock on MySQL and PostgreSQL), so
+    /// that two runs never interleave. For each item: runs `sql.check`, and skips the item
+    /// unless it returns the item's `expected` values (what was planned against has not
+    /// changed); then runs `sql.update` and, when that changed no row, `sql.insert`. Returns
+    /// the positions of the items written.
+    fn upsert_all(&mut self, sql: &UpsertSql, items: &[Upsert]) -> Result<Vec<usize>>;
+}
+
+/// The statements of [`Database::upsert_all`].
+pub struct UpsertSql {
+    pub check: String,
+    pub update: String,
+    pub insert: String,
+}
+
+/// One conditional write of [`Database::upsert_all`].
+#[derive(Debug, Clone)]
+pub struct Upsert {
+    pub check: Vec<Value>,
+    /// The integers the check must return for the write to go ahead.
+    pub expected: Vec<i64>,
+    pub update: Vec<Value>,
+    pub insert: Vec<Value>,
+}
+
+/// The name of the advisory lock a backfill holds on MySQL and PostgreSQL.
+pub(crate) const WRITE_LOCK: &str = "newapi-exporter-backfill";
+
+/// Whether a check's row holds the expected integers.
+pub(crate) fn check_passes(row: Option<&Row>, expected: &[i64]) -> bool {
+    let got: Vec<i64> = row
+        .map(|r| r.iter().map(|v| v.as_i64().unwrap_or(0)).collect())
+        .unwrap_or_default();
+    got == expected
 }
 
 /// Column names of `table` in the connection's current schema, from `information_schema`

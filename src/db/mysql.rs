@@ -11,7 +11,7 @@ use sqlx::mysql::{
 use sqlx::{AssertSqlSafe, Connection as _, Decode, Row as _, TypeInfo, ValueRef};
 
 use super::dsn::{MysqlDsn, MysqlNet};
-use super::{Database, Dialect, Engine, Row, Value};
+use super::{Database, Dialect, Engine, Row, Upsert, UpsertSql, Value};
 
 pub struct MysqlDb {
     rt: tokio::runtime::Runtime,
@@ -147,31 +147,61 @@ impl Database for MysqlDb {
         ))
     }
 
-    fn upsert_all(
-        &mut self,
-        update: &str,
-        insert: &str,
-        items: &[(Vec<Value>, Vec<Value>)],
-    ) -> Result<usize> {
+    fn upsert_all(&mut self, sql: &UpsertSql, items: &[Upsert]) -> Result<Vec<usize>> {
         let pool = &self.pool;
         let describe = &self.describe;
         self.rt.block_on(super::with_deadlines(
             describe,
             pool.acquire(),
             |mut conn| async move {
-                let mut tx = conn.begin().await?;
-                for (up, ins) in items {
-                    let done = super::bind_values!(sqlx::query(AssertSqlSafe(update)), up)
+                // A session lock, so that two backfills never interleave; released on every
+                // path (the connection goes back to the pool).
+                let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 60)")
+                    .bind(super::WRITE_LOCK)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if got != Some(1) {
+                    bail!("another backfill has held the write lock for 60 s: try again later");
+                }
+                let written = async {
+                    let mut tx = conn.begin().await?;
+                    let mut written = Vec::new();
+                    for (at, item) in items.iter().enumerate() {
+                        let row = super::bind_values!(
+                            sqlx::query(AssertSqlSafe(sql.check.as_str())),
+                            &item.check
+                        )
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                        let row = row.as_ref().map(decode).transpose()?;
+                        if !super::check_passes(row.as_ref(), &item.expected) {
+                            continue;
+                        }
+                        let done = super::bind_values!(
+                            sqlx::query(AssertSqlSafe(sql.update.as_str())),
+                            &item.update
+                        )
                         .execute(&mut *tx)
                         .await?;
-                    if done.rows_affected() == 0 {
-                        super::bind_values!(sqlx::query(AssertSqlSafe(insert)), ins)
+                        if done.rows_affected() == 0 {
+                            super::bind_values!(
+                                sqlx::query(AssertSqlSafe(sql.insert.as_str())),
+                                &item.insert
+                            )
                             .execute(&mut *tx)
                             .await?;
+                        }
+                        written.push(at);
                     }
+                    tx.commit().await?;
+                    anyhow::Ok(written)
                 }
-                tx.commit().await?;
-                Ok(items.len())
+                .await;
+                let _ = sqlx::query("SELECT RELEASE_LOCK(?)")
+                    .bind(super::WRITE_LOCK)
+                    .execute(&mut *conn)
+                    .await;
+                written
             },
         ))
     }

@@ -9,7 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 // parameter, so asserting them SQL-safe is sound.
 use sqlx::{AssertSqlSafe, Connection as _, Decode, Row as _, TypeInfo, ValueRef};
 
-use super::{Database, Dialect, Engine, Row, Value, mask_password};
+use super::{Database, Dialect, Engine, Row, Upsert, UpsertSql, Value, mask_password};
 
 pub struct PostgresDb {
     rt: tokio::runtime::Runtime,
@@ -119,13 +119,12 @@ impl Database for PostgresDb {
         ))
     }
 
-    fn upsert_all(
-        &mut self,
-        update: &str,
-        insert: &str,
-        items: &[(Vec<Value>, Vec<Value>)],
-    ) -> Result<usize> {
-        let (update, insert) = (numbered_placeholders(update), numbered_placeholders(insert));
+    fn upsert_all(&mut self, sql: &UpsertSql, items: &[Upsert]) -> Result<Vec<usize>> {
+        let (check, update, insert) = (
+            numbered_placeholders(&sql.check),
+            numbered_placeholders(&sql.update),
+            numbered_placeholders(&sql.insert),
+        );
         let pool = &self.pool;
         let describe = &self.describe;
         self.rt.block_on(super::with_deadlines(
@@ -133,18 +132,41 @@ impl Database for PostgresDb {
             pool.acquire(),
             |mut conn| async move {
                 let mut tx = conn.begin().await?;
-                for (up, ins) in items {
-                    let done = super::bind_values!(sqlx::query(AssertSqlSafe(update.as_str())), up)
+                // Held until the transaction ends, so that two backfills never interleave.
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                    .bind(super::WRITE_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                let mut written = Vec::new();
+                for (at, item) in items.iter().enumerate() {
+                    let row = super::bind_values!(
+                        sqlx::query(AssertSqlSafe(check.as_str())),
+                        &item.check
+                    )
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let row = row.as_ref().map(decode).transpose()?;
+                    if !super::check_passes(row.as_ref(), &item.expected) {
+                        continue;
+                    }
+                    let done = super::bind_values!(
+                        sqlx::query(AssertSqlSafe(update.as_str())),
+                        &item.update
+                    )
+                    .execute(&mut *tx)
+                    .await?;
+                    if done.rows_affected() == 0 {
+                        super::bind_values!(
+                            sqlx::query(AssertSqlSafe(insert.as_str())),
+                            &item.insert
+                        )
                         .execute(&mut *tx)
                         .await?;
-                    if done.rows_affected() == 0 {
-                        super::bind_values!(sqlx::query(AssertSqlSafe(insert.as_str())), ins)
-                            .execute(&mut *tx)
-                            .await?;
                     }
+                    written.push(at);
                 }
                 tx.commit().await?;
-                Ok(items.len())
+                Ok(written)
             },
         ))
     }

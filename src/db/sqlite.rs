@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, params_from_iter};
 
-use super::{Database, Dialect, Engine, Row, Value};
+use super::{Database, Dialect, Engine, Row, Upsert, UpsertSql, Value};
 
 /// The gateway's own busy timeout (`_busy_timeout=30000` in its SQLite DSN): how long its
 /// writers wait for a lock, and how long backfill's write waits for theirs.
@@ -134,27 +134,47 @@ impl Database for SqliteDb {
         Ok((!cols.is_empty()).then_some(cols))
     }
 
-    fn upsert_all(
-        &mut self,
-        update: &str,
-        insert: &str,
-        items: &[(Vec<Value>, Vec<Value>)],
-    ) -> Result<usize> {
+    fn upsert_all(&mut self, sql: &UpsertSql, items: &[Upsert]) -> Result<Vec<usize>> {
         // The reading connection is read-only; writing takes a connection of its own, with the
         // gateway's busy timeout. IMMEDIATE takes the write lock up front, so the gateway's own
         // flush waits on its busy timeout instead of either side failing on a lock upgrade.
         let mut conn = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_WRITE)
             .with_context(|| format!("opening {} for writing", self.path.display()))?;
         conn.busy_timeout(GATEWAY_BUSY_TIMEOUT)?;
+        // The write lock held from the start is also what keeps two backfills apart.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        for (up, ins) in items {
-            let changed = tx.execute(update, params_from_iter(up.iter().map(to_sql)))?;
-            if changed == 0 {
-                tx.execute(insert, params_from_iter(ins.iter().map(to_sql)))?;
+        let mut written = Vec::new();
+        for (at, item) in items.iter().enumerate() {
+            let check: Option<Row> = {
+                let mut stmt = tx.prepare_cached(&sql.check)?;
+                let width = stmt.column_count();
+                let mut rows = stmt.query(params_from_iter(item.check.iter().map(to_sql)))?;
+                match rows.next()? {
+                    Some(r) => Some(
+                        (0..width)
+                            .map(|i| r.get_ref(i).map(to_value))
+                            .collect::<rusqlite::Result<Row>>()?,
+                    ),
+                    None => None,
+                }
+            };
+            if !super::check_passes(check.as_ref(), &item.expected) {
+                continue;
             }
+            let changed = tx.execute(
+                &sql.update,
+                params_from_iter(item.update.iter().map(to_sql)),
+            )?;
+            if changed == 0 {
+                tx.execute(
+                    &sql.insert,
+                    params_from_iter(item.insert.iter().map(to_sql)),
+                )?;
+            }
+            written.push(at);
         }
         tx.commit()?;
-        Ok(items.len())
+        Ok(written)
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {

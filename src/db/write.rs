@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
 
-use super::{Database, Engine, Value};
+use super::{Database, Engine, Upsert, UpsertSql, Value};
 use crate::clock::rfc3339;
 
 /// One addition to quota_data.
@@ -21,6 +21,9 @@ pub struct QuotaDataAddition {
     pub tokens: i64,
     /// The rest of the key on the current generation; `None` on the older one.
     pub channel_key: Option<ChannelKey>,
+    /// What quota_data held for the compared key and hour when the deficit was found
+    /// (requests, quota): the write goes ahead only if it still does.
+    pub recorded: (i64, i64),
 }
 
 /// The key columns the current generation adds: the exporter's rows carry their own node name,
@@ -38,9 +41,12 @@ pub const BACKFILL_NODE_NAME: &str = "newapi-exporter-backfill";
 /// Writes the additions into the gateway's main database (where quota_data lives), one
 /// transaction per hour. Like the gateway's flush, an existing row is incremented in place
 /// (the lowest id when several nodes created duplicates), otherwise a row is inserted; on the
-/// current generation only rows of [`BACKFILL_NODE_NAME`] are ever incremented. Returns the
-/// number of rows written.
-pub fn add_to_quota_data(db: &mut dyn Database, additions: &[QuotaDataAddition]) -> Result<usize> {
+/// current generation only rows of [`BACKFILL_NODE_NAME`] are ever incremented. An addition
+/// whose quota_data changed since it was planned is left alone. Returns the additions written.
+pub fn add_to_quota_data(
+    db: &mut dyn Database,
+    additions: &[QuotaDataAddition],
+) -> Result<Vec<QuotaDataAddition>> {
     let per_channel = additions.iter().any(|a| a.channel_key.is_some());
     let d = db.dialect();
     let q = |c: &str| d.ident(c);
@@ -71,6 +77,28 @@ pub fn add_to_quota_data(db: &mut dyn Database, additions: &[QuotaDataAddition])
         columns.extend(["use_group", "token_id", "channel_id", "node_name"]);
     }
     columns.extend(["token_used", "count", "quota"]);
+    // What the deficit was found against: the compared key (user and model on the older
+    // generation; with username, group, token and channel on the current one), every node.
+    let mut compared = format!(
+        "{} = ? AND {} AND {} = ?",
+        q("user_id"),
+        d.text_eq(&q("model_name")),
+        q("created_at")
+    );
+    if per_channel {
+        compared.push_str(&format!(
+            " AND {} AND {} AND {} = ? AND {} = ?",
+            d.text_eq(&q("username")),
+            d.text_eq(&q("use_group")),
+            q("token_id"),
+            q("channel_id"),
+        ));
+    }
+    let check = format!(
+        "SELECT {}, {} FROM quota_data WHERE {compared}",
+        d.sum_int(&format!("COALESCE({}, 0)", q("count"))),
+        d.sum_int(&format!("COALESCE({}, 0)", q("quota"))),
+    );
     let update = match d.0 {
         // MySQL cannot select from the table it updates, but can order and limit the update.
         Engine::Mysql => format!(
@@ -91,11 +119,29 @@ pub fn add_to_quota_data(db: &mut dyn Database, additions: &[QuotaDataAddition])
     for f in additions {
         by_hour.entry(f.hour).or_default().push(f);
     }
-    let mut written = 0;
+    let sql = UpsertSql {
+        check,
+        update,
+        insert,
+    };
+    let mut written = Vec::new();
     for (hour, fixes) in by_hour {
-        let items: Vec<(Vec<Value>, Vec<Value>)> = fixes
+        let items: Vec<Upsert> = fixes
             .iter()
             .map(|f| {
+                let mut check = vec![
+                    Value::Int(f.user_id),
+                    Value::Text(f.model.clone()),
+                    Value::Int(hour),
+                ];
+                if let Some(c) = &f.channel_key {
+                    check.extend([
+                        Value::Text(f.username.clone()),
+                        Value::Text(c.use_group.clone()),
+                        Value::Int(c.token_id),
+                        Value::Int(c.channel_id),
+                    ]);
+                }
                 let mut key = vec![
                     Value::Int(f.user_id),
                     Value::Text(f.username.clone()),
@@ -123,12 +169,18 @@ pub fn add_to_quota_data(db: &mut dyn Database, additions: &[QuotaDataAddition])
                     Value::Int(f.requests),
                     Value::Int(f.quota),
                 ]);
-                (update, insert)
+                Upsert {
+                    check,
+                    expected: vec![f.recorded.0, f.recorded.1],
+                    update,
+                    insert,
+                }
             })
             .collect();
-        written += db
-            .upsert_all(&update, &insert, &items)
+        let done = db
+            .upsert_all(&sql, &items)
             .with_context(|| format!("writing quota_data for hour {}", rfc3339(hour)))?;
+        written.extend(done.into_iter().map(|at| fixes[at].clone()));
     }
     Ok(written)
 }

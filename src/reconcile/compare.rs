@@ -54,6 +54,7 @@ struct HourDeficit {
     hour: i64,
     amount: Amount,
     tokens: i64,
+    recorded: Amount,
 }
 
 /// The comparison of one (user, model) over a range.
@@ -144,6 +145,7 @@ fn compare_pair(
                     tokens: l.tokens,
                     logged_requests: l.requests,
                     logged_quota: l.quota,
+                    recorded: Amount::default(),
                 },
             ));
         }
@@ -174,6 +176,10 @@ fn compare_pair(
         d.requests -= q.requests;
         d.quota -= q.quota;
         d.tokens -= q.tokens;
+        d.recorded = Amount {
+            requests: q.requests,
+            quota: q.quota,
+        };
     }
     hours.sort_unstable_by_key(|(h, _)| *h);
     if net_adjacent_hours {
@@ -193,6 +199,7 @@ fn compare_pair(
                 hour: *h,
                 amount,
                 tokens: d.tokens.max(0),
+                recorded: d.recorded,
             });
         }
         r.cmp.missing.requests += d.requests.max(0);
@@ -227,8 +234,9 @@ pub fn assemble(pairs: &BTreeMap<PairKey, PairResult>, range: Range, per_channel
             deficits.push(Deficit {
                 hour: d.hour,
                 pair: pair.clone(),
-                amount: d.amount.clone(),
+                amount: d.amount,
                 tokens: d.tokens,
+                recorded: d.recorded,
             });
         }
     }
@@ -281,6 +289,8 @@ struct HourDiff {
     tokens: i64,
     logged_requests: i64,
     logged_quota: i64,
+    /// What quota_data holds for the hour (netting leaves it alone).
+    recorded: Amount,
 }
 
 /// Explains differences by rows that moved to the adjacent hour, then returns what is left.

@@ -23,7 +23,7 @@ pub struct QdSide {
     pub latest: i64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct Amount {
     pub requests: i64,
     pub quota: i64,
@@ -88,6 +88,9 @@ pub struct Deficit {
     pub amount: Amount,
     /// Prompt plus completion tokens of the missing rows.
     pub tokens: i64,
+    /// What quota_data held for the hour when compared: a write re-checks it, so that what
+    /// changed since (another backfill, a late flush) is never added twice.
+    pub recorded: Amount,
 }
 
 impl Amount {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use newapi_exporter::db::dsn::DbConfig;
-use newapi_exporter::db::{Database, Dialect, Sources, Value};
+use newapi_exporter::db::{Database, Dialect, Sources, Upsert, UpsertSql, Value};
 use newapi_exporter::poll::Poller;
 use newapi_exporter::snapshot::Shared;
 
@@ -329,13 +329,8 @@ impl Database for FailingTable {
         }
         self.inner.query(sql, params)
     }
-    fn upsert_all(
-        &mut self,
-        update: &str,
-        insert: &str,
-        items: &[(Vec<Value>, Vec<Value>)],
-    ) -> anyhow::Result<usize> {
-        self.inner.upsert_all(update, insert, items)
+    fn upsert_all(&mut self, sql: &UpsertSql, items: &[Upsert]) -> anyhow::Result<Vec<usize>> {
+        self.inner.upsert_all(sql, items)
     }
 }
 
