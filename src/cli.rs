@@ -377,6 +377,19 @@ pub struct DemoArgs {
 
 /// Unix seconds, or RFC 3339 with `Z` or a numeric offset.
 pub fn parse_time(s: &str) -> Result<i64, String> {
+    let t = parse_any_time(s)?;
+    // Hours are computed from it: keep to the years 1970 to 9999 (as RFC 3339 does).
+    const LAST: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    if !(0..=LAST).contains(&t) {
+        return Err(format!(
+            "{:?} is outside the years 1970 to 9999 (unix seconds 0 to {LAST})",
+            s.trim()
+        ));
+    }
+    Ok(t)
+}
+
+fn parse_any_time(s: &str) -> Result<i64, String> {
     let s = s.trim();
     if let Ok(n) = s.parse::<i64>() {
         return Ok(n);
@@ -444,5 +457,11 @@ mod tests {
         assert_eq!(parse_time("2025-10-21T11:32:00-05:00"), Ok(1761064320));
         assert!(parse_time("yesterday").is_err());
         assert!(parse_time("2025-10-21T16:32:00+0x:00").is_err());
+        // Outside the years 1970-9999: a clear error, not a panic or an empty report.
+        for bad in ["253402300800", "-9223372036854775808", "-1"] {
+            let e = parse_time(bad).unwrap_err();
+            assert!(e.contains("1970 to 9999"), "{e}");
+        }
+        assert_eq!(parse_time("253402300799"), Ok(253_402_300_799));
     }
 }

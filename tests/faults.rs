@@ -332,3 +332,45 @@ fn rows_are_counted_once_when_ids_are_reused() {
     insert(None, now + 10);
     assert_eq!(requests(&exp.poll()), counted + 1.0);
 }
+
+/// `check` runs SQLite's quick_check on the tables it reads and fails on a damaged one.
+#[test]
+fn check_fails_on_a_damaged_logs_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    demo::create(&db, Duration::from_secs(3 * 3600), 8).unwrap();
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+            .args(["check", "--sqlite-path", db.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("integrity: ok"));
+    // Garbage over the first page of the logs table's b-tree.
+    let (root, page_size): (i64, i64) = {
+        let conn = Connection::open(&db).unwrap();
+        (
+            conn.query_row(
+                "SELECT rootpage FROM sqlite_master WHERE name = 'logs'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap(),
+            conn.query_row("PRAGMA page_size", [], |r| r.get(0))
+                .unwrap(),
+        )
+    };
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+        f.seek(SeekFrom::Start(((root - 1) * page_size) as u64))
+            .unwrap();
+        f.write_all(&vec![0xA5; 64]).unwrap();
+    }
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a damaged database passed the check");
+    assert!(err.contains("is damaged") && err.contains("logs"), "{err}");
+}

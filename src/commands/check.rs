@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use super::reconcile::open_db;
 use crate::cli::DbArgs;
@@ -32,6 +32,34 @@ pub fn run(args: &DbArgs) -> Result<()> {
             if cols.is_some() { "present" } else { "absent" }
         );
     }
+    // A damaged file reads as wrong figures or fails half way: say so, and fail.
+    let mut problems = Vec::new();
+    for (table, present) in [
+        ("logs", true),
+        ("quota_data", schema.quota_data.is_some()),
+        ("channels", schema.channels.is_some()),
+        ("options", schema.options.is_some()),
+    ] {
+        if !present {
+            continue;
+        }
+        let db = if table == "logs" {
+            src.logs()
+        } else {
+            src.main()
+        };
+        for p in db.integrity_problems(table)? {
+            problems.push(format!("{table}: {p}"));
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} is damaged (SQLite's quick_check):\n  {}",
+            src.describe(),
+            problems.join("\n  ")
+        );
+    }
+    println!("integrity: ok");
     let top = src.logs().query("SELECT MAX(id) FROM logs", &[])?;
     println!(
         "highest logs.id: {}",

@@ -83,6 +83,13 @@ pub trait Database: Send {
         None
     }
 
+    /// What an integrity check of `table` finds wrong (SQLite's `quick_check`); empty when
+    /// nothing is, or when the engine has no such check.
+    fn integrity_problems(&mut self, table: &str) -> Result<Vec<String>> {
+        let _ = table;
+        Ok(Vec::new())
+    }
+
     /// The one write the exporter makes (`backfill`), in a single transaction that holds the
     /// exporter's write lock (SQLite's write lock; an advisory lock on MySQL and PostgreSQL), so
     /// that two runs never interleave. For each item: runs `sql.check`, and skips the item

@@ -123,6 +123,32 @@ impl Database for SqliteDb {
         Some(identity(&self.path).filter(|_| readable))
     }
 
+    fn integrity_problems(&mut self, table: &str) -> Result<Vec<String>> {
+        let sql = format!("PRAGMA quick_check(\"{}\")", table.replace('"', "\"\""));
+        let found: rusqlite::Result<Vec<String>> = self
+            .conn
+            .prepare(&sql)
+            .and_then(|mut stmt| stmt.query_map([], |r| r.get::<_, String>(0))?.collect());
+        match found {
+            Ok(messages) => Ok(messages.into_iter().filter(|m| m != "ok").collect()),
+            // So damaged that the check itself cannot read it.
+            Err(rusqlite::Error::SqliteFailure(e, msg))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
+                ) =>
+            {
+                Ok(vec![msg.unwrap_or_else(|| e.to_string())])
+            }
+            Err(e) => Err(e).with_context(|| {
+                format!(
+                    "checking the integrity of {table} in {}",
+                    self.path.display()
+                )
+            }),
+        }
+    }
+
     fn table_columns(&mut self, table: &str) -> Result<Option<Vec<String>>> {
         let mut stmt = self
             .conn
