@@ -367,7 +367,7 @@ fn check_fails_on_a_damaged_logs_table() {
         let mut f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
         f.seek(SeekFrom::Start(((root - 1) * page_size) as u64))
             .unwrap();
-        f.write_all(&vec![0xA5; 64]).unwrap();
+        f.write_all(&[0xA5; 64]).unwrap();
     }
     let out = check();
     let err = String::from_utf8_lossy(&out.stderr);
