@@ -606,3 +606,66 @@ fn two_backfills_at_once_write_each_deficit_once() {
         );
     }
 }
+
+/// A database that stops answering (connections stay open, nothing comes back): `newapi_up`
+/// turns 0 within a poll interval plus the statement deadline, and SIGTERM is honoured within
+/// 5 s though a poll is stuck waiting.
+#[test]
+fn a_database_that_stops_answering_never_holds_the_exporter() {
+    let test = "a_database_that_stops_answering_never_holds_the_exporter";
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = fixture(dir.path(), unix_now());
+    let server = Server::Mysql;
+    let Some(admin) = admin_dsn(server, test) else {
+        return;
+    };
+    let db = TestDb::create(server, &admin, "stall");
+    db.copy_from_sqlite(&sqlite, &TABLES);
+    let proxy = Proxy::start(&server_address(server, &db.dsn));
+    let dsn = through_proxy(server, &db.dsn, &proxy);
+    let mut exp = Running::start(&["--sql-dsn", &dsn, "--poll-interval", "1s"]);
+    exp.wait_ready(Duration::from_secs(30));
+    let up = |s: &[Sample]| series(s, "newapi_up").values().next().copied();
+    proxy.stall();
+    let stalled = Instant::now();
+    wait_until_within(
+        "newapi_up is 0",
+        Duration::from_secs(1 + 35 + 5 + 5),
+        || up(&exp.scrape()) == Some(0.0),
+    );
+    let took = stalled.elapsed();
+    assert!(
+        took <= Duration::from_secs(1 + 40),
+        "newapi_up 0 after {took:?}"
+    );
+    // A poll is stuck again by now (every second); SIGTERM still ends the process promptly.
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = exp.child.id().to_string();
+    let sent = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    loop {
+        if let Some(status) = exp.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "SIGTERM not honoured within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_until_within(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

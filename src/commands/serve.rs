@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 
@@ -40,7 +40,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let settings = poll_settings(&args.db, &args.window, &args.series);
     let poller = poller_for(&args.db, settings, stop.clone())?;
-    runtime()?.block_on(serve(&args.web, poller, stop))
+    let rt = runtime()?;
+    let result = rt.block_on(serve(&args.web, poller, stop));
+    // Never wait on work a stalled database holds up (see `serve`).
+    rt.shutdown_timeout(Duration::from_millis(500));
+    result
 }
 
 /// `demo`: a simulated gateway writing into a SQLite file, served like `serve` would.
@@ -134,17 +138,31 @@ async fn serve(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Resu
     })
     .await?;
     stop_polling();
-    tokio::task::spawn_blocking(move || {
-        let _ = poll_thread.join();
-        if let Some(o) = otlp {
-            o.shutdown();
-        }
-    })
-    .await
-    .ok();
+    // A poll waiting on a database that stopped answering would hold the exit up to its
+    // statement deadline: give it a moment to end between statements, then leave without it.
+    let deadline = Instant::now() + POLL_STOP_WAIT;
+    while !poll_thread.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !poll_thread.is_finished() {
+        tracing::warn!(
+            "the poll under way did not end within {POLL_STOP_WAIT:?} (the database is not \
+             answering): stopping without it"
+        );
+    }
+    if let Some(o) = otlp {
+        let _ = tokio::time::timeout(
+            POLL_STOP_WAIT,
+            tokio::task::spawn_blocking(move || o.shutdown()),
+        )
+        .await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long shutdown waits for the poll under way.
+const POLL_STOP_WAIT: Duration = Duration::from_secs(2);
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

@@ -10,15 +10,20 @@ pub struct Proxy {
     pub addr: SocketAddr,
     target: String,
     up: Arc<AtomicBool>,
+    /// While set, nothing is passed on either way: a server that stopped answering.
+    stalled: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, stalled: Arc<AtomicBool>) {
     let mut buf = [0u8; 16 * 1024];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                while stalled.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
@@ -37,6 +42,7 @@ impl Proxy {
             addr,
             target: target.to_string(),
             up: Arc::new(AtomicBool::new(true)),
+            stalled: Arc::default(),
             conns: Arc::default(),
         };
         p.serve(listener);
@@ -46,6 +52,7 @@ impl Proxy {
     fn serve(&self, listener: TcpListener) {
         listener.set_nonblocking(true).unwrap();
         let (up, conns, target) = (self.up.clone(), self.conns.clone(), self.target.clone());
+        let stalled = self.stalled.clone();
         std::thread::spawn(move || {
             while up.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -58,8 +65,9 @@ impl Proxy {
                         list.push(client.try_clone().unwrap());
                         list.push(server.try_clone().unwrap());
                         let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                        std::thread::spawn(move || pipe(client, server));
-                        std::thread::spawn(move || pipe(s2, c2));
+                        let (st1, st2) = (stalled.clone(), stalled.clone());
+                        std::thread::spawn(move || pipe(client, server, st1));
+                        std::thread::spawn(move || pipe(s2, c2, st2));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -75,6 +83,11 @@ impl Proxy {
             let _ = c.shutdown(Shutdown::Both);
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+
+    /// Keeps every connection open but passes nothing on: the database stops answering.
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::Relaxed);
     }
 
     /// Accepts connections again on the same address.
