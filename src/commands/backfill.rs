@@ -6,6 +6,8 @@
 //! never logs; one transaction per hour; a dry run unless asked to apply. Hours that are not
 //! settled are left alone, since the gateway may still flush them.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
+
 use anyhow::Result;
 
 use super::reconcile::{open_db, reconcile_range};
@@ -19,94 +21,134 @@ use crate::schema::LOG_TYPE_CONSUME;
 /// Turns the report's deficits into additions. On the current generation each deficit already
 /// names its whole key (user, username, model, group, token, channel). On the older one the
 /// username the gateway keys on is looked up: that of an existing quota_data row for the hour,
-/// else that of the hour's logs.
+/// else that of the hour's newest consume log.
 pub fn plan(
     src: &mut Sources,
     report: &Report,
     per_channel: bool,
 ) -> Result<Vec<QuotaDataAddition>> {
-    let mut fixes = Vec::new();
-    for deficit in &report.deficits {
-        if per_channel {
+    let usernames = if per_channel {
+        HashMap::new()
+    } else {
+        usernames(src, report)?
+    };
+    Ok(report
+        .deficits
+        .iter()
+        .map(|deficit| {
             let p = &deficit.pair;
-            fixes.push(QuotaDataAddition {
+            let (username, channel_key) = if per_channel {
+                let key = ChannelKey {
+                    use_group: p.group.clone(),
+                    token_id: p.token_id,
+                    channel_id: p.channel_id,
+                };
+                (p.username.clone(), Some(key))
+            } else {
+                let key = (deficit.hour, p.user_id, p.model.clone());
+                (usernames.get(&key).cloned().unwrap_or_default(), None)
+            };
+            QuotaDataAddition {
                 hour: deficit.hour,
                 user_id: p.user_id,
-                username: p.username.clone(),
+                username,
                 model: p.model.clone(),
                 requests: deficit.amount.requests,
                 quota: deficit.amount.quota,
                 tokens: deficit.tokens,
-                channel_key: Some(ChannelKey {
-                    use_group: p.group.clone(),
-                    token_id: p.token_id,
-                    channel_id: p.channel_id,
-                }),
+                channel_key,
                 recorded: (deficit.recorded.requests, deficit.recorded.quota),
-            });
-            continue;
-        }
-        let (h, u, m) = (
-            Value::Int(deficit.hour),
-            Value::Int(deficit.pair.user_id),
-            Value::Text(deficit.pair.model.clone()),
-        );
-        let main = src.main();
-        let d = main.dialect();
-        let existing = main.query(
-            &format!(
-                "SELECT {name} FROM quota_data WHERE {created} = ? AND {user} = ? AND {model} ORDER BY {id} LIMIT 1",
-                name = d.ident("username"),
-                created = d.ident("created_at"),
-                user = d.ident("user_id"),
-                model = d.text_eq(&d.ident("model_name")),
-                id = d.ident("id"),
-            ),
-            &[h.clone(), u.clone(), m.clone()],
-        )?;
-        let username = match existing.first().and_then(|r| r.first()) {
-            Some(v) => v.to_label(),
-            None => {
-                let logs = src.logs();
-                let d = logs.dialect();
-                let rows = logs.query(
-                    &format!(
-                        "SELECT {name} FROM logs WHERE {ty} = ? AND {user} = ? AND {model} \
-                         AND {created} >= ? AND {created} < ? ORDER BY {id} DESC LIMIT 1",
-                        name = d.ident("username"),
-                        ty = d.ident("type"),
-                        user = d.ident("user_id"),
-                        model = d.text_eq(&d.ident("model_name")),
-                        created = d.ident("created_at"),
-                        id = d.ident("id"),
-                    ),
-                    &[
-                        Value::Int(LOG_TYPE_CONSUME),
-                        u,
-                        m,
-                        h,
-                        Value::Int(deficit.hour + HOUR),
-                    ],
-                )?;
-                rows.first()
-                    .and_then(|r| r.first())
-                    .map(Value::to_label)
-                    .unwrap_or_default()
             }
-        };
-        fixes.push(QuotaDataAddition {
-            hour: deficit.hour,
-            user_id: deficit.pair.user_id,
-            username,
-            model: deficit.pair.model.clone(),
-            requests: deficit.amount.requests,
-            quota: deficit.amount.quota,
-            tokens: deficit.tokens,
-            channel_key: None,
-            recorded: (deficit.recorded.requests, deficit.recorded.quota),
-        });
+        })
+        .collect())
+}
+
+/// Hours one planning statement covers.
+const PLAN_SPAN_HOURS: i64 = 24;
+
+/// The username each (hour, user, model) with a deficit is keyed by on the older generation:
+/// one grouped statement per table and span of hours that has deficits, never one per row.
+fn usernames(src: &mut Sources, report: &Report) -> Result<HashMap<(i64, i64, String), String>> {
+    let wanted: HashSet<(i64, i64, String)> = report
+        .deficits
+        .iter()
+        .map(|d| (d.hour, d.pair.user_id, d.pair.model.clone()))
+        .collect();
+    let hours: BTreeSet<i64> = wanted.iter().map(|k| k.0).collect();
+    let mut spans: Vec<(i64, i64)> = Vec::new();
+    for h in hours {
+        match spans.last_mut() {
+            Some((from, until)) if h < *from + PLAN_SPAN_HOURS * HOUR => *until = h + HOUR,
+            _ => spans.push((h, h + HOUR)),
+        }
     }
-    Ok(fixes)
+    let main = src.main();
+    let d = main.dialect();
+    // The oldest row of each key is the one the gateway's flush would have incremented.
+    let qd_sql = format!(
+        "SELECT {created}, {user}, {model}, {name}, MIN({id}) FROM quota_data \
+         WHERE {created} >= ? AND {created} < ? GROUP BY 1, 2, 3, 4",
+        created = d.ident("created_at"),
+        user = d.ident("user_id"),
+        model = d.text_key(&d.ident("model_name")),
+        name = d.text_key(&d.ident("username")),
+        id = d.ident("id"),
+    );
+    let mut found: HashMap<(i64, i64, String), (i64, String)> = HashMap::new();
+    for (from, until) in &spans {
+        for r in main.query(&qd_sql, &[Value::Int(*from), Value::Int(*until)])? {
+            let key = (int(&r, 0), int(&r, 1), text(&r, 2));
+            if !wanted.contains(&key) {
+                continue;
+            }
+            let id = int(&r, 4);
+            let e = found.entry(key).or_insert((id, text(&r, 3)));
+            if id < e.0 {
+                *e = (id, text(&r, 3));
+            }
+        }
+    }
+    let logs = src.logs();
+    let d = logs.dialect();
+    let created = d.ident("created_at");
+    // Else the username of the hour's newest consume log.
+    let logs_sql = format!(
+        "SELECT {created} - {created} % 3600, {user}, {model}, {name}, MAX({id}) FROM logs \
+         WHERE {ty} = ? AND {created} >= ? AND {created} < ? GROUP BY 1, 2, 3, 4",
+        user = d.ident("user_id"),
+        model = d.text_key(&d.ident("model_name")),
+        name = d.text_key(&d.ident("username")),
+        id = d.ident("id"),
+        ty = d.ident("type"),
+    );
+    let mut from_logs: HashMap<(i64, i64, String), (i64, String)> = HashMap::new();
+    for (from, until) in &spans {
+        let params = [LOG_TYPE_CONSUME, *from, *until].map(Value::Int);
+        for r in logs.query(&logs_sql, &params)? {
+            let key = (int(&r, 0), int(&r, 1), text(&r, 2));
+            if !wanted.contains(&key) || found.contains_key(&key) {
+                continue;
+            }
+            let id = int(&r, 4);
+            let e = from_logs.entry(key).or_insert((id, text(&r, 3)));
+            if id > e.0 {
+                *e = (id, text(&r, 3));
+            }
+        }
+    }
+    Ok(found
+        .into_iter()
+        .chain(from_logs)
+        .map(|(k, (_, name))| (k, name))
+        .collect())
+}
+
+fn int(r: &[Value], i: usize) -> i64 {
+    r.get(i).and_then(Value::as_i64).unwrap_or(0)
+}
+
+fn text(r: &[Value], i: usize) -> String {
+    r.get(i).map(Value::to_label).unwrap_or_default()
 }
 
 /// `backfill`: prints the additions the settled deficits call for, and writes them with
