@@ -6,6 +6,8 @@
 //! The cold start walks the whole table this way; later polls read only `id > cursor`.
 //! Counters are the table's totals, so a restarted exporter reports the same values.
 
+mod cursor;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::Result;
@@ -17,17 +19,10 @@ use crate::db::{Database, Dialect, Engine, Sources, Value};
 use crate::metrics::{self as m, Family};
 use crate::reconcile::{PairKey, TimeSpan};
 use crate::schema::{LOG_TYPE_CONSUME, LOG_TYPE_ERROR, LOG_TYPE_REFUND, Schema};
+use cursor::{GAP_MAX, GAP_WINDOW, NewestRow};
 
 /// Labels of every usage series, in order.
 pub const USAGE_LABELS: [&str; 4] = ["model", "channel_id", "channel_name", "group"];
-
-/// The newest row counted, as it was read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct NewestRow {
-    id: i64,
-    created_at: i64,
-    quota: i64,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct UsageKey {
@@ -51,18 +46,6 @@ pub struct Usage {
     pub refund_quota: u64,
     pub errors: u64,
 }
-
-/// On MySQL and PostgreSQL, concurrent inserts can commit out of id order: a smaller id may
-/// become visible after a larger one was read. The newest ids (this many below the top) are
-/// therefore read with one group per row, which tells exactly which ids were seen; the ids
-/// missing among them are looked for again each poll until they appear or expire.
-const GAP_WINDOW: i64 = 10_000;
-/// How long a missing id is waited for (a rolled-back insert never appears).
-const GAP_GRACE_SECS: i64 = 600;
-/// Most missing ids remembered; the oldest are dropped beyond it.
-const GAP_MAX: usize = 20_000;
-/// Ids per `IN (...)` list when looking for missing ids.
-const GAP_BATCH: usize = 500;
 
 pub struct LogsCollector {
     /// The aggregate statement up to its WHERE condition, built for this schema. Parameters:
@@ -170,12 +153,14 @@ impl LogsCollector {
             "0".to_string()
         };
         let id = d.ident("id");
-        // A group of rows whose amounts are out of range sums to nothing (its sums could
-        // overflow); the group is set aside by its flag.
+        // Each sum takes only values within 32 bits, so none can overflow; a row with any amount
+        // out of range is in a group of its own (its flag), which is set aside whole.
         let amounts = [quota.clone(), prompt.clone(), completion.clone()];
-        let amounts_ok = Limits::amounts_ok_sql(&amounts);
-        let sound =
-            |expr: &str| d.sum_int(&format!("CASE WHEN {amounts_ok} THEN {expr} ELSE 0 END"));
+        let bounded = |column: &str, expr: &str| {
+            d.sum_int(&format!(
+                "CASE WHEN {column} BETWEEN -{MAX_AMOUNT} AND {MAX_AMOUNT} THEN {expr} ELSE 0 END"
+            ))
+        };
         let flag = Limits::flag_sql(&created, &amounts);
         let select_sql = format!(
             "SELECT {ty}, {model}, {channel}, {group}, \
@@ -189,16 +174,22 @@ impl LogsCollector {
             channel = cols.or(d, "channel_id", "NULL"),
             group = d.text_key(&cols.or(d, "group", "NULL")),
             user = cols.or(d, "user_id", "0"),
-            pos = sound(&format!("CASE WHEN {quota} > 0 THEN {quota} ELSE 0 END")),
-            neg = sound(&format!("CASE WHEN {quota} < 0 THEN -{quota} ELSE 0 END")),
-            sum_prompt = sound(&prompt),
-            sum_completion = sound(&completion),
-            // use_time is whole seconds of one request: clamped like the amounts.
-            use_time = sound(&format!(
-                "CASE WHEN {u} BETWEEN 0 AND {MAX_AMOUNT} THEN {u} ELSE 0 END",
-                u = cols.or(d, "use_time", "0")
-            )),
-            sum_quota = sound(&quota),
+            pos = bounded(
+                &quota,
+                &format!("CASE WHEN {quota} > 0 THEN {quota} ELSE 0 END")
+            ),
+            neg = bounded(
+                &quota,
+                &format!("CASE WHEN {quota} < 0 THEN -{quota} ELSE 0 END")
+            ),
+            sum_prompt = bounded(&prompt, &prompt),
+            sum_completion = bounded(&completion, &completion),
+            // use_time is whole seconds of one request: bounded like the amounts.
+            use_time = {
+                let u = cols.or(d, "use_time", "0");
+                bounded(&u, &u)
+            },
+            sum_quota = bounded(&quota, &quota),
             token = in_range_column("token_id", d.ident("token_id")),
             pair_user = in_range_column("username", d.text_key(&d.ident("username"))),
             username = if labels.user {
@@ -336,69 +327,6 @@ impl LogsCollector {
         }
         ctx.count_rows("logs", read);
         Ok(ids)
-    }
-
-    /// What the row with `id` holds now, if it exists.
-    fn row_at(&self, db: &mut dyn Database, id: i64) -> Result<Option<NewestRow>> {
-        let rows = db.query(&self.row_sql, &[Value::Int(id)])?;
-        Ok(rows.first().map(|r| NewestRow {
-            id,
-            created_at: r.first().and_then(Value::as_i64).unwrap_or(0),
-            quota: r.get(1).and_then(Value::as_i64).unwrap_or(0),
-        }))
-    }
-
-    /// The cursor assumes that the rows up to it are the ones already counted. When the newest
-    /// of them is gone or holds something else (the table was purged, the newest rows deleted
-    /// and their ids given out again), the count resumes after the last row that is still one
-    /// of those: rows written later have a later `created_at`.
-    fn resume_after_deletions(&mut self, db: &mut dyn Database, top: Option<i64>) -> Result<()> {
-        let Some(newest) = self.newest else {
-            return Ok(());
-        };
-        let now_at_cursor = match top {
-            Some(t) if t >= newest.id => self.row_at(db, newest.id)?,
-            _ => None,
-        };
-        if now_at_cursor == Some(newest) {
-            return Ok(());
-        }
-        let first_new =
-            first_int(&db.query(&self.first_after_sql, &[Value::Int(newest.created_at)])?);
-        let resume = match (first_new, top) {
-            (Some(id), _) => id.saturating_sub(1),
-            (None, Some(top)) => top.min(newest.id),
-            (None, None) => i64::MIN,
-        };
-        tracing::warn!(
-            cursor = self.cursor,
-            max_id = ?top,
-            resume_after = resume,
-            "the newest log rows counted so far were deleted or replaced (a purge, or ids given \
-             out again): counting on from the first row written after them"
-        );
-        self.cursor = resume;
-        self.gaps.clear();
-        self.newest = None;
-        Ok(())
-    }
-
-    /// Looks again for ids that were missing below the cursor; counts those that appeared.
-    fn recheck_gaps(&mut self, db: &mut dyn Database, ctx: &mut Context) -> Result<()> {
-        self.gaps.retain(|_, seen| ctx.now - *seen < GAP_GRACE_SECS);
-        while self.gaps.len() > GAP_MAX {
-            self.gaps.pop_first();
-        }
-        let pending: Vec<i64> = self.gaps.keys().copied().collect();
-        for batch in pending.chunks(GAP_BATCH) {
-            let list = vec!["?"; batch.len()].join(", ");
-            let params: Vec<Value> = batch.iter().map(|i| Value::Int(*i)).collect();
-            let cond = format!("{} IN ({list})", self.id);
-            for id in self.read(db, ctx, &cond, &params, true)? {
-                self.gaps.remove(&id);
-            }
-        }
-        Ok(())
     }
 
     /// Folds one aggregated group into the counters and the per-hour recording state.
