@@ -374,3 +374,46 @@ fn check_fails_on_a_damaged_logs_table() {
     assert!(!out.status.success(), "a damaged database passed the check");
     assert!(err.contains("is damaged") && err.contains("logs"), "{err}");
 }
+
+/// A hot journal left by a writer that crashed mid-transaction: a message that says what it is
+/// and what to do, not "readonly database".
+#[test]
+fn a_hot_journal_gets_its_own_message() {
+    if !require_tool("sqlite3", "a_hot_journal_gets_its_own_message") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    demo::create(&db, Duration::from_secs(3 * 3600), 9).unwrap();
+    // A writer that spills its transaction to the journal, then is killed.
+    let mut writer = Command::new("sqlite3")
+        .arg(&db)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = writer.stdin.as_mut().unwrap();
+        stdin
+            .write_all(b"PRAGMA cache_size=1;\nBEGIN;\nUPDATE logs SET quota = quota + 1;\n")
+            .unwrap();
+        stdin.flush().unwrap();
+    }
+    let journal = dir.path().join("one-api.db-journal");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0) < 4096 {
+        assert!(Instant::now() < deadline, "no journal was written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+        .args(["check", "--sqlite-path", db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("hot journal"), "{err}");
+    assert!(!err.contains("readonly database"), "{err}");
+}

@@ -31,6 +31,34 @@ fn retry_every_millisecond(attempt: i32) -> bool {
     true
 }
 
+/// SQLite's extended code for a hot journal that a read-only connection cannot roll back.
+const READONLY_ROLLBACK: std::ffi::c_int = 776;
+
+/// An error reading the file, in words that say what to do about it.
+fn read_error(path: &Path, e: rusqlite::Error) -> anyhow::Error {
+    let extended = match &e {
+        rusqlite::Error::SqliteFailure(f, _) => Some(f.extended_code),
+        _ => None,
+    };
+    if extended == Some(READONLY_ROLLBACK) {
+        return anyhow::anyhow!(
+            "{p} has a hot journal ({p}-journal): a writer crashed in the middle of a \
+             transaction, and the file cannot be read until that transaction is rolled back. The \
+             gateway does it when it opens the database; so does `sqlite3 {p} 'PRAGMA \
+             quick_check'` run by a user who may write it. The exporter only reads, so it waits",
+            p = path.display()
+        );
+    }
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => {
+            anyhow::anyhow!("{} is not a SQLite database", path.display())
+        }
+        _ => {
+            anyhow::Error::new(e).context(format!("cannot read SQLite database {}", path.display()))
+        }
+    }
+}
+
 pub struct SqliteDb {
     path: PathBuf,
     conn: Connection,
@@ -72,13 +100,7 @@ impl SqliteDb {
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         // Reading the schema is the first access that looks at the file's content.
         conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
-            .map_err(|e| match e.sqlite_error_code() {
-                Some(rusqlite::ErrorCode::NotADatabase) => {
-                    anyhow::anyhow!("{} is not a SQLite database", path.display())
-                }
-                _ => anyhow::Error::new(e)
-                    .context(format!("cannot read SQLite database {}", path.display())),
-            })?;
+            .map_err(|e| read_error(path, e))?;
         Ok(SqliteDb {
             path: path.to_path_buf(),
             conn,
@@ -209,9 +231,12 @@ impl Database for SqliteDb {
             .prepare_cached(sql)
             .with_context(|| format!("preparing: {sql}"))?;
         let width = stmt.column_count();
-        let mut rows = stmt.query(params_from_iter(params.iter().map(to_sql)))?;
+        let path = &self.path;
+        let mut rows = stmt
+            .query(params_from_iter(params.iter().map(to_sql)))
+            .map_err(|e| read_error(path, e))?;
         let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
+        while let Some(row) = rows.next().map_err(|e| read_error(path, e))? {
             let cells = (0..width)
                 .map(|i| row.get_ref(i).map(to_value))
                 .collect::<rusqlite::Result<Row>>()?;
