@@ -9,25 +9,6 @@ use crate::common::*;
 use newapi_exporter::demo;
 use rusqlite::Connection;
 
-fn sigterm_and_time_exit(exp: &mut Running) -> (Duration, std::process::ExitStatus) {
-    let started = Instant::now();
-    let ok = Command::new("kill")
-        .args(["-TERM", &exp.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    loop {
-        if let Some(status) = exp.child.try_wait().unwrap() {
-            return (started.elapsed(), status);
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn sigterm_stops_within_a_second_even_during_a_cold_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -49,7 +30,7 @@ fn sigterm_stops_within_a_second_even_during_a_cold_start() {
     // Idle, after the first read.
     let mut exp = Running::start(&["--sqlite-path", db.to_str().unwrap()]);
     exp.wait_ready(Duration::from_secs(60));
-    let (took, status) = sigterm_and_time_exit(&mut exp);
+    let (took, status) = exp.sigterm();
     assert!(status.success(), "{status:?}");
     assert!(took < Duration::from_secs(1), "took {took:?}");
 
@@ -62,7 +43,7 @@ fn sigterm_stops_within_a_second_even_during_a_cold_start() {
     ]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(exp.get("/-/ready").0, 503, "still reading");
-    let (took, status) = sigterm_and_time_exit(&mut exp);
+    let (took, status) = exp.sigterm();
     assert!(status.success(), "{status:?}");
     assert!(took < Duration::from_secs(1), "took {took:?}");
 }

@@ -270,6 +270,26 @@ impl Running {
         (status, resp.body_mut().read_to_string().unwrap())
     }
 
+    /// Sends SIGTERM and waits for the exit (10 s at most): how long it took, and the status.
+    pub fn sigterm(&mut self) -> (Duration, std::process::ExitStatus) {
+        let started = Instant::now();
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (started.elapsed(), status);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits until `/-/ready` answers 200.
     pub fn wait_ready(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
