@@ -17,4 +17,5 @@ mod properties;
 mod recording_health;
 mod robustness;
 mod security;
+mod sqlite_wal;
 mod web_config;

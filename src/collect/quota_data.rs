@@ -19,7 +19,7 @@ use super::{Admission, Collector, Context, OTHER};
 use crate::clock::{HOUR, hour_of};
 use crate::db::{Database, Dialect, Sources, Value};
 use crate::metrics::{self as m, Family};
-use crate::reconcile::{HourKey, PairKey, QdHour};
+use crate::reconcile::{Hourly, PairKey, QdHour};
 
 /// Hours re-read by one statement.
 const LIVE_CHUNK_HOURS: i64 = 6;
@@ -396,7 +396,7 @@ impl Collector for QuotaDataCollector {
         // Per-hour view for the reconciliation, keyed like logs: (user_id, model, hour).
         let rec = &mut ctx.recording;
         rec.has_quota_data = true;
-        let mut qd_hourly: BTreeMap<HourKey, QdHour> = BTreeMap::new();
+        let mut qd_hourly: Hourly<QdHour> = Hourly::default();
         rec.qd_model_newest_hour = self
             .frozen_newest_hour
             .iter()
@@ -413,17 +413,11 @@ impl Collector for QuotaDataCollector {
                 .or_insert(*hour);
             *newest = (*newest).max(*hour);
             if *hour < live_until {
-                let compared = if self.per_channel {
-                    pair.clone()
+                let q = if self.per_channel {
+                    qd_hourly.hour_mut(pair, *hour)
                 } else {
-                    PairKey::user_model(pair.user_id, model)
+                    qd_hourly.hour_mut(&PairKey::user_model(pair.user_id, model), *hour)
                 };
-                let q = qd_hourly
-                    .entry(HourKey {
-                        pair: compared,
-                        hour: *hour,
-                    })
-                    .or_default();
                 q.rows += row.rows;
                 q.extra_rows += row.rows - 1;
                 q.requests += row.totals.requests;

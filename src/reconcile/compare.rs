@@ -1,10 +1,10 @@
 //! The rules that compare logs with quota_data per hour: what counts, the adjacent-hour
 //! netting, the lag; and the incremental re-comparison that a poll runs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use super::recording::{HourKey, LogsHour, PairKey, QdHour, Recording};
+use super::recording::{LogsHour, PairKey, QdHour, Recording};
 use super::report::{Amount, ChannelReport, Comparison, Deficit, ModelReport, Report};
 use crate::clock::{HOUR, hour_of};
 
@@ -80,11 +80,10 @@ pub fn reconcile(rec: &Recording, since: i64, until: i64, settled_until: i64) ->
 
 /// Compares every (user, model) pair of the recording.
 pub fn compare_all(rec: &Recording, range: Range) -> BTreeMap<PairKey, PairResult> {
-    let pairs: BTreeSet<&PairKey> = rec
+    let pairs: HashSet<&PairKey> = rec
         .logs_hourly
-        .keys()
-        .chain(rec.qd_hourly.keys())
-        .map(|k| &k.pair)
+        .pairs()
+        .chain(rec.qd_hourly.pairs())
         .collect();
     pairs
         .into_iter()
@@ -94,20 +93,19 @@ pub fn compare_all(rec: &Recording, range: Range) -> BTreeMap<PairKey, PairResul
 
 /// Compares one (user, model) pair from the recording's current hours.
 pub fn compare_one(rec: &Recording, key: &PairKey, range: Range) -> Option<PairResult> {
-    let at = |hour| HourKey {
-        pair: key.clone(),
-        hour,
-    };
-    let bounds = at(i64::MIN)..=at(i64::MAX);
     let l: Vec<(i64, &LogsHour)> = rec
         .logs_hourly
-        .range(bounds.clone())
-        .map(|(k, v)| (k.hour, v))
+        .hours(key)
+        .into_iter()
+        .flatten()
+        .map(|(h, v)| (*h, v))
         .collect();
     let q: Vec<(i64, &QdHour)> = rec
         .qd_hourly
-        .range(bounds)
-        .map(|(k, v)| (k.hour, v))
+        .hours(key)
+        .into_iter()
+        .flatten()
+        .map(|(h, v)| (*h, v))
         .collect();
     compare_pair(&l, &q, range, !rec.hour_from_log_row)
 }
@@ -349,6 +347,7 @@ impl IncrementalComparison {
     /// The report over `range` for the recording as it is now; clears its dirty pairs.
     pub fn update(&mut self, rec: &mut Recording, range: Range) -> Arc<Report> {
         let dirty = std::mem::take(&mut rec.dirty);
+        rec.compared = true;
         let report = match &self.report {
             // Nothing the comparison reads has changed since the last call.
             Some(r) if self.range == Some(range) && dirty.is_empty() => r.clone(),

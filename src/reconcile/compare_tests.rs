@@ -1,6 +1,7 @@
 //! The comparison rules, each on a hand-computed fixture.
 
 use super::*;
+use crate::reconcile::HourKey;
 
 fn key(h: i64) -> HourKey {
     HourKey::new(1, "m", h * HOUR)
@@ -191,7 +192,7 @@ fn incremental_equals_full(per_channel: bool) {
                 if next(4) == 0 {
                     fresh.remove(&key);
                 } else {
-                    let q = fresh.entry(key).or_default();
+                    let q = fresh.entry_or_default(key);
                     q.rows = 1 + next(2);
                     q.extra_rows = q.rows - 1;
                     q.requests += 1;

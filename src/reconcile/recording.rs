@@ -109,11 +109,93 @@ pub struct QdHour {
     pub tokens: i64,
 }
 
+/// Hours per pair: each pair's hours in order, the pairs found by hash. A full-history read
+/// holds about one entry per log row; finding the pair by hash and the hour in the pair's own
+/// short map costs far less than ordering every entry by its whole key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hourly<V> {
+    pairs: HashMap<PairKey, BTreeMap<i64, V>>,
+}
+
+impl<V> Default for Hourly<V> {
+    fn default() -> Self {
+        Hourly {
+            pairs: HashMap::new(),
+        }
+    }
+}
+
+impl<V: Default> Hourly<V> {
+    /// The entry of one hour of a pair, created empty; the key is cloned only when new.
+    pub fn hour_mut(&mut self, pair: &PairKey, hour: i64) -> &mut V {
+        if !self.pairs.contains_key(pair) {
+            self.pairs.insert(pair.clone(), BTreeMap::new());
+        }
+        self.pairs
+            .get_mut(pair)
+            .expect("inserted above")
+            .entry(hour)
+            .or_default()
+    }
+
+    pub fn entry_or_default(&mut self, key: HourKey) -> &mut V {
+        self.pairs
+            .entry(key.pair)
+            .or_default()
+            .entry(key.hour)
+            .or_default()
+    }
+}
+
+impl<V> Hourly<V> {
+    pub fn insert(&mut self, key: HourKey, value: V) -> Option<V> {
+        self.pairs
+            .entry(key.pair)
+            .or_default()
+            .insert(key.hour, value)
+    }
+
+    pub fn remove(&mut self, key: &HourKey) -> Option<V> {
+        let hours = self.pairs.get_mut(&key.pair)?;
+        let removed = hours.remove(&key.hour);
+        if hours.is_empty() {
+            self.pairs.remove(&key.pair);
+        }
+        removed
+    }
+
+    pub fn get(&self, key: &HourKey) -> Option<&V> {
+        self.pairs.get(&key.pair)?.get(&key.hour)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    /// The pairs that have at least one hour.
+    pub fn pairs(&self) -> impl Iterator<Item = &PairKey> {
+        self.pairs.keys()
+    }
+
+    /// One pair's hours, in order.
+    pub fn hours(&self, pair: &PairKey) -> Option<&BTreeMap<i64, V>> {
+        self.pairs.get(pair)
+    }
+
+    /// Keeps only hours at or after `from`.
+    pub fn retain_from(&mut self, from: i64) {
+        self.pairs.retain(|_, hours| {
+            hours.retain(|h, _| *h >= from);
+            !hours.is_empty()
+        });
+    }
+}
+
 /// Per-hour state shared by the logs and quota_data collectors and read here.
 #[derive(Debug, Clone, Default)]
 pub struct Recording {
-    pub logs_hourly: BTreeMap<HourKey, LogsHour>,
-    pub qd_hourly: BTreeMap<HourKey, QdHour>,
+    pub logs_hourly: Hourly<LogsHour>,
+    pub qd_hourly: Hourly<QdHour>,
     /// Per model, over all history: oldest and newest mirrored consume log time.
     pub logs_model_times: HashMap<String, TimeSpan>,
     /// Per model, over all history: newest quota_data hour.
@@ -128,31 +210,45 @@ pub struct Recording {
     /// (user, model) pairs whose hours changed since the reconciliation last compared them:
     /// a poll compares only these again while the window stays put.
     pub dirty: HashSet<PairKey>,
+    /// Whether the reconciliation has compared every pair once. Until then every pair will be
+    /// compared, and none is marked dirty (a cold start touches them all).
+    pub compared: bool,
 }
 
 impl Recording {
     /// Adds consume log rows to one hour of a pair.
     pub fn logs_hour(&mut self, pair: PairKey, hour: i64) -> &mut LogsHour {
-        self.dirty.insert(pair.clone());
-        self.logs_hourly.entry(HourKey { pair, hour }).or_default()
+        if self.compared && !self.dirty.contains(&pair) {
+            self.dirty.insert(pair.clone());
+        }
+        self.logs_hourly.hour_mut(&pair, hour)
     }
 
     /// Replaces the quota_data side with a fresh read; pairs whose hours differ become dirty.
-    pub fn replace_qd_hourly(&mut self, fresh: BTreeMap<HourKey, QdHour>) {
+    pub fn replace_qd_hourly(&mut self, fresh: Hourly<QdHour>) {
         let old = std::mem::replace(&mut self.qd_hourly, fresh);
+        if !self.compared {
+            return;
+        }
         let changed = old
+            .pairs
             .iter()
-            .filter(|(k, v)| self.qd_hourly.get(*k) != Some(*v))
-            .chain(self.qd_hourly.iter().filter(|(k, _)| !old.contains_key(*k)));
-        for (key, _) in changed {
-            self.dirty.insert(key.pair.clone());
+            .filter(|(k, v)| self.qd_hourly.pairs.get(*k) != Some(*v))
+            .chain(
+                self.qd_hourly
+                    .pairs
+                    .iter()
+                    .filter(|(k, _)| !old.pairs.contains_key(*k)),
+            );
+        for (pair, _) in changed {
+            self.dirty.insert(pair.clone());
         }
     }
 
     /// Forgets hours before `from` (they left the window). They take part in no comparison
     /// (the collectors keep one hour more than the window for netting), so no pair becomes dirty.
     pub fn prune(&mut self, from: i64) {
-        self.logs_hourly.retain(|k, _| k.hour >= from);
-        self.qd_hourly.retain(|k, _| k.hour >= from);
+        self.logs_hourly.retain_from(from);
+        self.qd_hourly.retain_from(from);
     }
 }
