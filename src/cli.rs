@@ -10,7 +10,7 @@ use anyhow::{Result, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::collect::{DEFAULT_CHUNK_ROWS, LabelSettings, Settings};
-use crate::db::dsn::DbConfig;
+use crate::db::dsn::{ClickhouseDsn, DbConfig};
 use crate::demo::gateway::Tables;
 use crate::reconcile::format::ReportFormat;
 
@@ -250,7 +250,8 @@ pub struct DbArgs {
     )]
     pub sql_dsn: Option<String>,
 
-    /// The gateway's LOG_SQL_DSN: `logs` lives in this database instead (same forms).
+    /// The gateway's LOG_SQL_DSN: `logs` lives in this database instead (same forms, or
+    /// ClickHouse: clickhouse://, tcp://, http:// or https://).
     #[arg(
         long = "log-sql-dsn",
         env = "LOG_SQL_DSN",
@@ -258,6 +259,15 @@ pub struct DbArgs {
         value_name = "DSN"
     )]
     pub log_sql_dsn: Option<String>,
+
+    /// ClickHouse's HTTP interface, which the exporter reads through, when LOG_SQL_DSN names
+    /// the native protocol and HTTP is not on the same host's port 8123 (8443 with TLS).
+    #[arg(
+        long = "clickhouse.http-url",
+        env = "NEWAPI_EXPORTER_CLICKHOUSE_HTTP_URL",
+        value_name = "URL"
+    )]
+    pub clickhouse_http_url: Option<String>,
 
     /// Most log rows one read statement covers (a primary-key range). Smaller chunks make the
     /// gateway's writers wait less; larger ones make the cold start cheaper.
@@ -273,6 +283,9 @@ impl DbArgs {
         let main = DbConfig::from_dsn(self.sql_dsn.as_deref(), &self.sqlite_path)?;
         let logs = match self.log_sql_dsn.as_deref().map(str::trim) {
             None | Some("") => None,
+            Some(dsn) if ClickhouseDsn::is_clickhouse(dsn) => Some(DbConfig::Clickhouse(
+                ClickhouseDsn::parse(dsn, self.clickhouse_http_url.as_deref())?,
+            )),
             Some(dsn) => Some(
                 DbConfig::from_dsn(Some(dsn), &self.sqlite_path)
                     .map_err(|e| anyhow!("{}", e.to_string().replace("SQL_DSN", "LOG_SQL_DSN")))?,
@@ -287,6 +300,7 @@ impl DbArgs {
             sqlite_path: path,
             sql_dsn: None,
             log_sql_dsn: None,
+            clickhouse_http_url: None,
             chunk_rows: DEFAULT_CHUNK_ROWS,
         }
     }

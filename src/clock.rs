@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// One hour in seconds: quota_data's bucket.
 pub const HOUR: i64 = 3600;
+pub const DAY: i64 = 24 * HOUR;
 
 /// Start of the hour holding `t` (unix seconds).
 pub fn hour_of(t: i64) -> i64 {

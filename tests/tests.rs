@@ -4,6 +4,7 @@ mod common;
 
 mod architecture;
 mod cardinality;
+mod clickhouse;
 mod e2e_alerting;
 mod engines;
 mod faults;

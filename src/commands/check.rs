@@ -9,6 +9,7 @@ use super::reconcile::open_db;
 use crate::cli::DbArgs;
 use crate::clock::unix_now;
 use crate::collect::Settings;
+use crate::db::Engine;
 use crate::poll::Pipeline;
 use crate::schema::Schema;
 
@@ -60,14 +61,34 @@ pub fn run(args: &DbArgs) -> Result<()> {
         );
     }
     println!("integrity: ok");
-    let top = src.logs().query("SELECT MAX(id) FROM logs", &[])?;
-    println!(
-        "highest logs.id: {}",
-        top.first()
-            .and_then(|r| r.first())
-            .map(|v| v.to_label())
-            .unwrap_or_default()
-    );
+    if src.logs().dialect().0 == Engine::Clickhouse {
+        // ClickHouse rows carry no id: they are read by time.
+        let rows = src
+            .logs()
+            .query("SELECT count(), max(`created_at`) FROM logs", &[])?;
+        let cell = |i: usize| {
+            rows.first()
+                .and_then(|r| r.get(i))
+                .map(|v| v.to_label())
+                .unwrap_or_default()
+        };
+        println!(
+            "logs: {} rows in ClickHouse, newest created_at {}; read by time, rows arriving up to \
+             {} s late are counted",
+            cell(0),
+            cell(1),
+            crate::collect::logs::LATE_ROWS_SECS
+        );
+    } else {
+        let top = src.logs().query("SELECT MAX(id) FROM logs", &[])?;
+        println!(
+            "highest logs.id: {}",
+            top.first()
+                .and_then(|r| r.first())
+                .map(|v| v.to_label())
+                .unwrap_or_default()
+        );
+    }
     // One full read, as a cold start makes it: what would be set aside.
     let settings = Settings {
         chunk_rows: args.chunk_rows,

@@ -7,6 +7,8 @@ pub enum Engine {
     Sqlite,
     Mysql,
     Postgres,
+    /// Only ever `logs` (`LOG_SQL_DSN`).
+    Clickhouse,
 }
 
 /// SQL spelling that differs between engines.
@@ -17,7 +19,7 @@ impl Dialect {
     /// Quotes an identifier; needed for the gateway's reserved-word columns `group` and `key`.
     pub fn ident(&self, name: &str) -> String {
         match self.0 {
-            Engine::Sqlite | Engine::Mysql => format!("`{name}`"),
+            Engine::Sqlite | Engine::Mysql | Engine::Clickhouse => format!("`{name}`"),
             Engine::Postgres => format!("\"{name}\""),
         }
     }
@@ -29,6 +31,7 @@ impl Dialect {
             Engine::Sqlite => format!("SUM({expr})"),
             Engine::Mysql => format!("CAST(SUM({expr}) AS SIGNED)"),
             Engine::Postgres => format!("CAST(SUM({expr}) AS BIGINT)"),
+            Engine::Clickhouse => format!("toInt64(SUM({expr}))"),
         }
     }
 
@@ -37,7 +40,7 @@ impl Dialect {
     pub fn text_key(&self, expr: &str) -> String {
         match self.0 {
             Engine::Mysql => format!("CAST({expr} AS BINARY)"),
-            Engine::Sqlite | Engine::Postgres => expr.to_string(),
+            Engine::Sqlite | Engine::Postgres | Engine::Clickhouse => expr.to_string(),
         }
     }
 
@@ -45,7 +48,7 @@ impl Dialect {
     pub fn text_eq(&self, column: &str) -> String {
         match self.0 {
             Engine::Mysql => format!("CAST({column} AS BINARY) = CAST(? AS BINARY)"),
-            Engine::Sqlite | Engine::Postgres => format!("{column} = ?"),
+            Engine::Sqlite | Engine::Postgres | Engine::Clickhouse => format!("{column} = ?"),
         }
     }
 
@@ -53,7 +56,36 @@ impl Dialect {
     pub fn float(&self, expr: &str) -> String {
         match self.0 {
             Engine::Postgres => format!("CAST({expr} AS DOUBLE PRECISION)"),
+            Engine::Clickhouse => format!("toFloat64({expr})"),
             Engine::Sqlite | Engine::Mysql => expr.to_string(),
+        }
+    }
+
+    /// `GROUP BY` over select-list positions (1-based). ClickHouse releases before 22.7 read
+    /// `GROUP BY 1` as a constant, so there each position names its column's alias, `c{n}`,
+    /// which the select list must give (see [`Dialect::select_list`]).
+    pub fn group_by(&self, positions: &[usize]) -> String {
+        let names: Vec<String> = positions
+            .iter()
+            .map(|p| match self.0 {
+                Engine::Clickhouse => format!("c{p}"),
+                _ => p.to_string(),
+            })
+            .collect();
+        format!(" GROUP BY {}", names.join(", "))
+    }
+
+    /// A select list; on ClickHouse each expression gets the alias `c{n}` (1-based) that
+    /// [`Dialect::group_by`] names.
+    pub fn select_list(&self, exprs: &[String]) -> String {
+        match self.0 {
+            Engine::Clickhouse => exprs
+                .iter()
+                .enumerate()
+                .map(|(i, e)| format!("{e} AS c{}", i + 1))
+                .collect::<Vec<_>>()
+                .join(", "),
+            _ => exprs.join(", "),
         }
     }
 }

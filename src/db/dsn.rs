@@ -3,7 +3,8 @@
 //! `SQL_DSN` (and `LOG_SQL_DSN` for `logs`): unset means SQLite at `SQLITE_PATH`; a
 //! `postgres://` or `postgresql://` URL is PostgreSQL; a value starting with `local` is SQLite
 //! too; anything else is MySQL in go-sql-driver form:
-//! `[user[:password]@][net[(addr)]]/dbname[?param=value&...]`.
+//! `[user[:password]@][net[(addr)]]/dbname[?param=value&...]`. `LOG_SQL_DSN` may also be
+//! ClickHouse: a URL starting with `clickhouse://`, `tcp://`, `http://` or `https://`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,124 @@ pub enum DbConfig {
     /// A PostgreSQL URL, passed to the driver as the gateway passes it to pgx.
     Postgres(String),
     Mysql(MysqlDsn),
+    /// ClickHouse, which only ever holds `logs`.
+    Clickhouse(ClickhouseDsn),
+}
+
+/// A ClickHouse DSN in any form the gateway's clickhouse-go driver reads, parsed.
+#[derive(Clone, PartialEq)]
+pub struct ClickhouseDsn {
+    /// Where the exporter sends its queries: the server's HTTP interface.
+    pub http_url: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub database: String,
+    /// `secure=true` (or `https://`): TLS.
+    pub secure: bool,
+    /// `skip_verify=true`: TLS without verifying the server's certificate.
+    pub skip_verify: bool,
+    /// The DSN as given, for error messages (shown with the password masked).
+    pub raw: String,
+}
+
+impl fmt::Debug for ClickhouseDsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&mask_password(&self.raw))
+    }
+}
+
+/// ClickHouse's HTTP ports: plain and TLS.
+pub const CLICKHOUSE_HTTP_PORT: u16 = 8123;
+pub const CLICKHOUSE_HTTPS_PORT: u16 = 8443;
+
+impl ClickhouseDsn {
+    /// Whether a DSN is ClickHouse (only `LOG_SQL_DSN` may be).
+    pub fn is_clickhouse(dsn: &str) -> bool {
+        ["clickhouse://", "tcp://", "http://", "https://"]
+            .iter()
+            .any(|s| dsn.starts_with(s))
+    }
+
+    /// Parses `scheme://[user[:password]@]host[:port][,host2...][/database][?param=value&...]`
+    /// as clickhouse-go does: `username`, `password` and `database` may also be parameters (its
+    /// older `tcp://` form), `secure=true` asks for TLS, `https` implies it. The native forms
+    /// (`clickhouse://`, `tcp://`, port 9000) are read over the same server's HTTP interface,
+    /// port 8123 (8443 with TLS), unless `http_url` names another.
+    pub fn parse(dsn: &str, http_url: Option<&str>) -> Result<ClickhouseDsn> {
+        let masked = mask_password(dsn);
+        let Some((scheme, rest)) = dsn.split_once("://") else {
+            bail!("LOG_SQL_DSN {masked:?} is not a ClickHouse URL");
+        };
+        let (body, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, path) = body.split_once('/').unwrap_or((body, ""));
+        let (creds, hosts) = match authority.rfind('@') {
+            Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
+            None => (None, authority),
+        };
+        let params: Vec<(String, String)> = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.split_once('=') {
+                Some((k, v)) => (k.to_string(), percent_decode(v)),
+                None => (p.to_string(), String::new()),
+            })
+            .collect();
+        let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let truthy = |k: &str| param(k).is_some_and(|v| v == "true" || v == "1");
+        let (mut user, mut password) = match creds.map(|c| c.split_once(':')) {
+            Some(Some((u, p))) => (Some(percent_decode(u)), Some(percent_decode(p))),
+            Some(None) => (Some(percent_decode(creds.unwrap_or_default())), None),
+            None => (None, None),
+        };
+        user = user.or(param("username")).filter(|u| !u.is_empty());
+        password = password.or(param("password")).filter(|p| !p.is_empty());
+        let database = match path.trim_matches('/') {
+            "" => param("database").unwrap_or_else(|| "default".to_string()),
+            db => percent_decode(db),
+        };
+        let secure = scheme == "https" || truthy("secure");
+        let native = match scheme {
+            "clickhouse" | "tcp" => true,
+            "http" | "https" => false,
+            other => bail!("LOG_SQL_DSN {masked:?}: scheme {other:?} is not ClickHouse's"),
+        };
+        // Several hosts are tried in turn by clickhouse-go; the exporter reads from the first.
+        let host = hosts.split(',').next().unwrap_or("").trim();
+        if host.is_empty() {
+            bail!("LOG_SQL_DSN {masked:?} names no host");
+        }
+        let (name, port) = match host.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') && !p.contains(']') => {
+                let port: u16 = p.parse().map_err(|_| {
+                    anyhow::anyhow!("LOG_SQL_DSN {masked:?}: port {p:?} is not a number")
+                })?;
+                (h.to_string(), Some(port))
+            }
+            _ => (host.to_string(), None),
+        };
+        let http_url = match http_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => {
+                let port = match (native, secure) {
+                    (true, false) => CLICKHOUSE_HTTP_PORT,
+                    (true, true) => CLICKHOUSE_HTTPS_PORT,
+                    (false, false) => port.unwrap_or(CLICKHOUSE_HTTP_PORT),
+                    (false, true) => port.unwrap_or(CLICKHOUSE_HTTPS_PORT),
+                };
+                let scheme = if secure { "https" } else { "http" };
+                format!("{scheme}://{name}:{port}")
+            }
+        };
+        Ok(ClickhouseDsn {
+            http_url,
+            user,
+            password,
+            database,
+            secure,
+            skip_verify: truthy("skip_verify"),
+            raw: dsn.to_string(),
+        })
+    }
 }
 
 /// A go-sql-driver MySQL DSN, parsed.
@@ -61,6 +180,9 @@ impl DbConfig {
         if dsn.starts_with("postgres://") || dsn.starts_with("postgresql://") {
             return Ok(DbConfig::Postgres(dsn.to_string()));
         }
+        if ClickhouseDsn::is_clickhouse(dsn) {
+            return Ok(DbConfig::Clickhouse(ClickhouseDsn::parse(dsn, None)?));
+        }
         Ok(DbConfig::Mysql(MysqlDsn::parse(dsn)?))
     }
 
@@ -70,6 +192,9 @@ impl DbConfig {
             DbConfig::Sqlite(p) => format!("sqlite:{}", p.display()),
             DbConfig::Postgres(url) => mask_password(url),
             DbConfig::Mysql(m) => format!("mysql:{}", mask_password(&m.raw)),
+            DbConfig::Clickhouse(c) => {
+                format!("clickhouse:{} (via {})", mask_password(&c.raw), c.http_url)
+            }
         }
     }
 }
@@ -201,6 +326,64 @@ mod tests {
             DbConfig::Mysql(m) => m,
             other => panic!("{other:?}"),
         }
+    }
+
+    fn clickhouse(dsn: &str) -> ClickhouseDsn {
+        match DbConfig::from_dsn(Some(dsn), Path::new("x.db")).unwrap() {
+            DbConfig::Clickhouse(c) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_clickhouse_form_of_the_gateway_is_read() {
+        // The gateway's own compose file.
+        let c = clickhouse("clickhouse://default:pw@clickhouse:9000/new_api_logs");
+        assert_eq!(c.http_url, "http://clickhouse:8123");
+        assert_eq!(
+            (
+                c.user.as_deref(),
+                c.password.as_deref(),
+                c.database.as_str()
+            ),
+            (Some("default"), Some("pw"), "new_api_logs")
+        );
+        assert!(!c.secure);
+        // clickhouse-go's older form: credentials and database as parameters.
+        let c = clickhouse("tcp://ch1:9000,ch2:9000?username=u&password=p%40ss&database=logs");
+        assert_eq!(c.http_url, "http://ch1:8123");
+        assert_eq!(
+            (
+                c.user.as_deref(),
+                c.password.as_deref(),
+                c.database.as_str()
+            ),
+            (Some("u"), Some("p@ss"), "logs")
+        );
+        let c = clickhouse("clickhouse://u:p@ch:9440/db?secure=true&skip_verify=true");
+        assert_eq!(c.http_url, "https://ch:8443");
+        assert!(c.secure && c.skip_verify);
+        let c = clickhouse("http://ch:18123/db");
+        assert_eq!(
+            (c.http_url.as_str(), c.user.as_deref()),
+            ("http://ch:18123", None)
+        );
+        let c = clickhouse("https://u:p@ch/db");
+        assert_eq!(c.http_url, "https://ch:8443");
+        assert!(c.secure);
+        assert_eq!(clickhouse("http://ch:8123").database, "default");
+        // Another HTTP address for a native DSN.
+        let c =
+            ClickhouseDsn::parse("clickhouse://ch:9000/db", Some("http://10.0.0.5:8123/")).unwrap();
+        assert_eq!(c.http_url, "http://10.0.0.5:8123");
+        // Errors name the DSN with its password masked.
+        let e = DbConfig::from_dsn(Some("clickhouse://u:secret@ch:x/db"), Path::new("x.db"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("port \"x\"") && !e.contains("secret"), "{e}");
+        let described = DbConfig::Clickhouse(clickhouse("clickhouse://u:secret@ch:9000/db"));
+        assert!(!described.describe().contains("secret"));
+        assert!(!format!("{described:?}").contains("secret"));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! [`Dialect`]); an engine only runs statements and turns rows into [`Value`]s. The trait is
 //! synchronous: polling runs on its own thread, so a slow database never stalls a scrape.
 
+pub mod clickhouse;
 pub mod dialect;
 pub mod dsn;
 pub mod mysql;
@@ -175,11 +176,19 @@ pub fn connect(cfg: &DbConfig) -> Result<Box<dyn Database>> {
         DbConfig::Sqlite(path) => Box::new(sqlite::SqliteDb::open(path)?),
         DbConfig::Mysql(m) => Box::new(mysql::MysqlDb::connect(m)?),
         DbConfig::Postgres(url) => Box::new(postgres::PostgresDb::connect(url)?),
+        DbConfig::Clickhouse(c) => Box::new(clickhouse::ClickhouseDb::connect(c)?),
     })
 }
 
 /// Opens the gateway's main database and, with `LOG_SQL_DSN`, its logs database.
 pub fn open(main: &DbConfig, logs: &Option<DbConfig>) -> Result<Sources> {
+    if let DbConfig::Clickhouse(c) = main {
+        anyhow::bail!(
+            "SQL_DSN {} is ClickHouse, which the gateway only takes as LOG_SQL_DSN (quota_data, \
+             channels and users live in MySQL, PostgreSQL or SQLite)",
+            mask_password(&c.raw)
+        );
+    }
     let m = connect(main)?;
     let l = logs.as_ref().map(connect).transpose()?;
     Ok(Sources::new(m, l))

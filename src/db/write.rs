@@ -105,7 +105,8 @@ pub fn add_to_quota_data(
             "UPDATE quota_data SET {set} WHERE {key} ORDER BY {} LIMIT 1",
             q("id")
         ),
-        Engine::Sqlite | Engine::Postgres => format!(
+        // ClickHouse never holds quota_data (`db::open` refuses it as SQL_DSN).
+        Engine::Sqlite | Engine::Postgres | Engine::Clickhouse => format!(
             "UPDATE quota_data SET {set} WHERE {id} = (SELECT {id} FROM quota_data WHERE {key} ORDER BY {id} LIMIT 1)",
             id = q("id")
         ),

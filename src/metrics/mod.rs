@@ -286,7 +286,7 @@ pub const EXPORTER_LAST_POLL_TIMESTAMP_SECONDS: MetricDef = MetricDef {
 };
 pub const EXPORTER_LOGS_CURSOR: MetricDef = MetricDef {
     name: "newapi_exporter_logs_cursor",
-    help: "Highest logs.id ingested.",
+    help: "Highest logs.id ingested (0 with logs in ClickHouse, which has no ids).",
     kind: Kind::Gauge,
     otel_name: "newapi.exporter.logs_cursor",
     otel_unit: "1",

@@ -182,6 +182,19 @@ impl<V> Hourly<V> {
         self.pairs.get(pair)
     }
 
+    /// Removes the hours at or after `from`; returns the pairs that had any.
+    pub fn remove_from(&mut self, from: i64) -> Vec<PairKey> {
+        let mut touched = Vec::new();
+        self.pairs.retain(|pair, hours| {
+            if hours.range(from..).next().is_some() {
+                touched.push(pair.clone());
+                hours.retain(|h, _| *h < from);
+            }
+            !hours.is_empty()
+        });
+        touched
+    }
+
     /// Keeps only hours at or after `from`.
     pub fn retain_from(&mut self, from: i64) {
         self.pairs.retain(|_, hours| {
@@ -222,6 +235,14 @@ impl Recording {
             self.dirty.insert(pair.clone());
         }
         self.logs_hourly.hour_mut(&pair, hour)
+    }
+
+    /// Forgets the consume logs of hours at or after `from`, which are about to be read again.
+    pub fn forget_logs_from(&mut self, from: i64) {
+        let touched = self.logs_hourly.remove_from(from);
+        if self.compared {
+            self.dirty.extend(touched);
+        }
     }
 
     /// Replaces the quota_data side with a fresh read; pairs whose hours differ become dirty.

@@ -6,6 +6,7 @@
 //! The cold start walks the whole table this way; later polls read only `id > cursor`.
 //! Counters are the table's totals, so a restarted exporter reports the same values.
 
+mod by_time;
 mod cursor;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -19,6 +20,8 @@ use crate::db::{Database, Dialect, Engine, Sources, Value};
 use crate::metrics::{self as m, Family};
 use crate::reconcile::{PairKey, TimeSpan};
 use crate::schema::{LOG_TYPE_CONSUME, LOG_TYPE_ERROR, LOG_TYPE_REFUND, Schema};
+use by_time::ByTime;
+pub use by_time::LATE_ROWS_SECS;
 use cursor::{GAP_MAX, GAP_WINDOW, NewestRow};
 
 /// Labels of every usage series, in order.
@@ -47,6 +50,20 @@ pub struct Usage {
     pub errors: u64,
 }
 
+impl Usage {
+    fn add(&mut self, o: &Usage) {
+        self.requests = self.requests.saturating_add(o.requests);
+        self.quota = self.quota.saturating_add(o.quota);
+        self.corrections = self.corrections.saturating_add(o.corrections);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.use_time_seconds = self.use_time_seconds.saturating_add(o.use_time_seconds);
+        self.refunds = self.refunds.saturating_add(o.refunds);
+        self.refund_quota = self.refund_quota.saturating_add(o.refund_quota);
+        self.errors = self.errors.saturating_add(o.errors);
+    }
+}
+
 pub struct LogsCollector {
     /// The aggregate statement up to its WHERE condition, built for this schema. Parameters:
     /// the hour range twice, the consume type with `flags_unmirrored`, the hour range twice more
@@ -59,7 +76,7 @@ pub struct LogsCollector {
     /// generation: two more hour ranges as parameters).
     per_channel: bool,
     /// Groups by the labels, the hour, the user and the unmirrored flag.
-    group_sql: &'static str,
+    group_sql: String,
     /// The same plus the id: one group per row.
     group_by_row_sql: String,
     id: String,
@@ -84,6 +101,16 @@ pub struct LogsCollector {
     admission: Admission,
     /// Ids not seen below the cursor, with the time they were first missed.
     gaps: BTreeMap<i64, i64>,
+    /// The table has no usable ids (ClickHouse): it is read by time.
+    read_by_time: bool,
+    by_time: ByTime,
+    /// Whether rows set aside are counted as rejected by this read (not by the re-reads of
+    /// open hours on ClickHouse).
+    count_rejections: bool,
+    /// The quoted `created_at` column.
+    created: String,
+    /// The oldest `created_at` in a range.
+    next_time_sql: String,
 }
 
 /// Columns of the aggregate statement, in order.
@@ -162,50 +189,58 @@ impl LogsCollector {
             ))
         };
         let flag = Limits::flag_sql(&created, &amounts);
-        let select_sql = format!(
-            "SELECT {ty}, {model}, {channel}, {group}, \
-               CASE WHEN {in_range} THEN {created} - {created} % 3600 ELSE NULL END, \
-               CASE WHEN {in_range} THEN {user} ELSE NULL END, \
-               {unmirrored}, COUNT(*), {pos}, {neg}, {sum_prompt}, {sum_completion}, {use_time}, \
-               {sum_quota}, MIN({created}), MAX({created}), MIN({id}), {token}, {pair_user}, \
-               {flag}{username} \
-             FROM logs WHERE ",
-            model = d.text_key(&d.ident("model_name")),
-            channel = cols.or(d, "channel_id", "NULL"),
-            group = d.text_key(&cols.or(d, "group", "NULL")),
-            user = cols.or(d, "user_id", "0"),
-            pos = bounded(
-                &quota,
-                &format!("CASE WHEN {quota} > 0 THEN {quota} ELSE 0 END")
-            ),
-            neg = bounded(
-                &quota,
-                &format!("CASE WHEN {quota} < 0 THEN -{quota} ELSE 0 END")
-            ),
-            sum_prompt = bounded(&prompt, &prompt),
-            sum_completion = bounded(&completion, &completion),
-            // use_time is whole seconds of one request: bounded like the amounts.
-            use_time = {
-                let u = cols.or(d, "use_time", "0");
-                bounded(&u, &u)
-            },
-            sum_quota = bounded(&quota, &quota),
-            token = in_range_column("token_id", d.ident("token_id")),
-            pair_user = in_range_column("username", d.text_key(&d.ident("username"))),
-            username = if labels.user {
-                format!(", {}", d.text_key(&cols.or(d, "username", "NULL")))
-            } else {
-                String::new()
-            },
+        let hour_in_range =
+            format!("CASE WHEN {in_range} THEN {created} - {created} % 3600 ELSE NULL END");
+        let user_in_range = format!(
+            "CASE WHEN {in_range} THEN {} ELSE NULL END",
+            cols.or(d, "user_id", "0")
         );
+        let use_time = cols.or(d, "use_time", "0");
+        // In the order of the C_* constants.
+        let mut exprs = vec![
+            ty.clone(),
+            d.text_key(&d.ident("model_name")),
+            cols.or(d, "channel_id", "NULL"),
+            d.text_key(&cols.or(d, "group", "NULL")),
+            hour_in_range,
+            user_in_range,
+            unmirrored,
+            "COUNT(*)".to_string(),
+            bounded(
+                &quota,
+                &format!("CASE WHEN {quota} > 0 THEN {quota} ELSE 0 END"),
+            ),
+            bounded(
+                &quota,
+                &format!("CASE WHEN {quota} < 0 THEN -{quota} ELSE 0 END"),
+            ),
+            bounded(&prompt, &prompt),
+            bounded(&completion, &completion),
+            // use_time is whole seconds of one request: bounded like the amounts.
+            bounded(&use_time, &use_time),
+            bounded(&quota, &quota),
+            format!("MIN({created})"),
+            format!("MAX({created})"),
+            format!("MIN({id})"),
+            in_range_column("token_id", d.ident("token_id")),
+            in_range_column("username", d.text_key(&d.ident("username"))),
+            flag,
+        ];
+        if labels.user {
+            exprs.push(d.text_key(&cols.or(d, "username", "NULL")));
+        }
+        let select_sql = format!("SELECT {} FROM logs WHERE ", d.select_list(&exprs));
         // The token and username columns are constant NULLs unless per channel: grouping by
         // them would only widen every sort key of the cold start.
-        let group = match (per_channel, labels.user) {
-            (true, true) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18, 19, 20, 21",
-            (true, false) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 18, 19, 20",
-            (false, true) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 20, 21",
-            (false, false) => " GROUP BY 1, 2, 3, 4, 5, 6, 7, 20",
-        };
+        let mut grouped = vec![1, 2, 3, 4, 5, 6, 7];
+        if per_channel {
+            grouped.extend([C_TOKEN + 1, C_PAIR_USERNAME + 1]);
+        }
+        grouped.push(C_FLAG + 1);
+        if labels.user {
+            grouped.push(C_USERNAME + 1);
+        }
+        let group = d.group_by(&grouped);
         let row_sql = format!("SELECT {created}, {quota} FROM logs WHERE {id} = ?");
         let first_after_sql = format!("SELECT MIN({id}) FROM logs WHERE {created} > ?");
         LogsCollector {
@@ -214,8 +249,8 @@ impl LogsCollector {
             select_sql,
             flags_unmirrored: has_unmirrored,
             per_channel,
-            group_sql: group,
             group_by_row_sql: format!("{group}, {id}"),
+            group_sql: group,
             id,
             next_id_sql: format!(
                 "SELECT MIN({id}) FROM logs WHERE {id} > ?",
@@ -234,6 +269,15 @@ impl LogsCollector {
             labels: labels.clone(),
             admission: Admission::new(labels.max_series),
             gaps: BTreeMap::new(),
+            read_by_time: dialect.0 == Engine::Clickhouse,
+            by_time: ByTime::default(),
+            count_rejections: true,
+            // Not MIN(): ClickHouse's aggregate over no rows is 0, not NULL.
+            next_time_sql: format!(
+                "SELECT {created} FROM logs WHERE {created} >= ? AND {created} < ? \
+                 ORDER BY {created} LIMIT 1"
+            ),
+            created,
         }
     }
 
@@ -313,7 +357,7 @@ impl LogsCollector {
         let group = if by_row {
             self.group_by_row_sql.as_str()
         } else {
-            self.group_sql
+            self.group_sql.as_str()
         };
         let sql = format!("{}{condition}{group}", self.select_sql);
         let groups = db.query(&sql, &all)?;
@@ -338,7 +382,9 @@ impl LogsCollector {
         let rows = uint(C_ROWS);
         let set_aside = Reason::of_flag(int(C_FLAG));
         if let Some(reason) = set_aside {
-            ctx.reject("logs", reason, int(C_ID), rows);
+            if self.count_rejections {
+                ctx.reject("logs", reason, int(C_ID), rows);
+            }
             if !reason.still_counted() {
                 return rows;
             }
@@ -421,6 +467,11 @@ impl Collector for LogsCollector {
 
     fn poll(&mut self, src: &mut Sources, ctx: &mut Context) -> Result<()> {
         let db = src.logs();
+        if self.read_by_time {
+            self.poll_by_time(db, ctx)?;
+            ctx.folded.insert("usage", self.admission.folded());
+            return Ok(());
+        }
         let top = first_int(&db.query(&self.max_id_sql, &[])?);
         self.resume_after_deletions(db, top)?;
         let Some(top) = top else {
@@ -486,10 +537,15 @@ impl Collector for LogsCollector {
         let mut refunds = Family::of(&m::REFUNDS_TOTAL);
         let mut refund_quota = Family::of(&m::REFUND_QUOTA_TOTAL);
         let mut errors = Family::of(&m::ERRORS_TOTAL);
-        let mut keys: Vec<_> = self.usage.keys().collect();
+        // Rows read by time: settled counts plus what the open hours hold now.
+        let mut all = self.usage.clone();
+        for (key, usage) in &self.by_time.open {
+            all.entry(key.clone()).or_default().add(usage);
+        }
+        let mut keys: Vec<_> = all.keys().collect();
         keys.sort();
         for key in keys {
-            let u = &self.usage[key];
+            let u = &all[key];
             let name = ctx.channel_name(&key.channel_id);
             let all = [
                 (USAGE_LABELS[0], key.model.as_str()),
