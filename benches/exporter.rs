@@ -1,8 +1,10 @@
 //! Benchmarks that print figures (see docs/benchmarks.md for results and how to read them).
 //!
-//!   cargo bench --bench exporter -- [cold-start|poll|scrape|rss|writer|query-exporter|all|soak]
+//!   cargo bench --bench exporter -- [cold-start|poll|scrape|rss|writer|query-exporter|clickhouse|all|soak]
 //!
 //! Databases are generated once into target/bench-data/ with `newapi-exporter generate`.
+
+mod clickhouse;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -571,6 +573,9 @@ fn main() {
     }
     if all || arg == "query-exporter" {
         query_exporter();
+    }
+    if all || arg == "clickhouse" {
+        clickhouse::run();
     }
     // Thirty minutes by default: run on its own.
     if arg == "soak" {

@@ -2,7 +2,8 @@
 //! `(created_at, request_id)`, and several nodes inserting rows dated a little in the past.
 //!
 //! So the read follows time instead. Hours that started more than [`LATE_ROWS_SECS`] before the
-//! poll are settled: read once (the cold start reads all of them, a day per statement) and
+//! poll are settled: read once (the cold start reads all of them, a few million rows per
+//! statement) and
 //! folded into the counters for good. The hours after that are open: each poll aggregates
 //! them again in ClickHouse (the table's order key makes that a range read) and replaces what
 //! the last poll had for them. A row is therefore counted exactly once if it arrives while its
@@ -20,6 +21,10 @@ use crate::db::{Database, Value};
 
 /// How late a row may arrive and still be counted.
 pub const LATE_ROWS_SECS: i64 = HOUR;
+
+/// About how many rows one statement aggregates: few statements (each costs ClickHouse a
+/// setup of its own) that still end well inside the statement time limit.
+const ROWS_PER_STATEMENT: i64 = 4_000_000;
 
 /// The state of a time-ordered read.
 #[derive(Debug, Default)]
@@ -72,8 +77,7 @@ impl LogsCollector {
         Ok(())
     }
 
-    /// Reads the rows with `from <= created_at < until` into counters of their own, a day per
-    /// statement and only the days that have rows. With `settle`, rows set aside are counted
+    /// Reads the rows with `from <= created_at < until` into counters of their own. With `settle`, rows set aside are counted
     /// as rejected (settled rows are read once).
     fn read_apart(
         &mut self,
@@ -91,6 +95,8 @@ impl LogsCollector {
         result.map(|()| read)
     }
 
+    /// Reads `[from, until)` in statements of about [`ROWS_PER_STATEMENT`] rows each (a time
+    /// span sized from the range's row count), skipping spans without rows.
     fn read_days(
         &mut self,
         db: &mut dyn Database,
@@ -101,6 +107,20 @@ impl LogsCollector {
         if from >= until {
             return Ok(());
         }
+        let bounds = [Value::Int(from), Value::Int(until)];
+        let stats = db.query(&self.time_stats_sql, &bounds)?;
+        let cell = |i: usize| stats.first().and_then(|r| r.get(i)).and_then(Value::as_i64);
+        // ClickHouse's MIN over no rows is 0: the count says whether there are any.
+        let (Some(rows), Some(oldest), Some(newest)) = (cell(0), cell(1), cell(2)) else {
+            return Ok(());
+        };
+        if rows <= 0 {
+            return Ok(());
+        }
+        let span = (newest as i128 - oldest as i128 + 1).max(1);
+        let step = (span * ROWS_PER_STATEMENT as i128 / rows as i128)
+            .clamp(HOUR as i128, DAY as i128 * 366);
+        let step = step as i64;
         let range = format!("{c} >= ? AND {c} < ?", c = self.created);
         let next_sql = self.next_time_sql.clone();
         let next_after = |db: &mut dyn Database, t: i64| -> Result<Option<i64>> {
@@ -108,14 +128,14 @@ impl LogsCollector {
                 &db.query(&next_sql, &[Value::Int(t), Value::Int(until)])?,
             ))
         };
-        let mut next = next_after(db, from)?;
+        let mut next = Some(oldest.max(from));
         let mut done = from;
         while let Some(lo) = next {
             // Every statement moves forward, whatever the table answers.
             if ctx.stopping() || lo < done {
                 break;
             }
-            let hi = lo.saturating_add(DAY).min(until);
+            let hi = lo.saturating_add(step).min(until);
             self.read(db, ctx, &range, &[Value::Int(lo), Value::Int(hi)], false)?;
             done = hi;
             next = if hi < until {

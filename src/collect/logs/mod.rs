@@ -111,6 +111,8 @@ pub struct LogsCollector {
     created: String,
     /// The oldest `created_at` in a range.
     next_time_sql: String,
+    /// Row count, oldest and newest `created_at` in a range.
+    time_stats_sql: String,
 }
 
 /// Columns of the aggregate statement, in order.
@@ -272,6 +274,10 @@ impl LogsCollector {
             read_by_time: dialect.0 == Engine::Clickhouse,
             by_time: ByTime::default(),
             count_rejections: true,
+            time_stats_sql: format!(
+                "SELECT COUNT(*), MIN({created}), MAX({created}) FROM logs \
+                 WHERE {created} >= ? AND {created} < ?"
+            ),
             // Not MIN(): ClickHouse's aggregate over no rows is 0, not NULL.
             next_time_sql: format!(
                 "SELECT {created} FROM logs WHERE {created} >= ? AND {created} < ? \
