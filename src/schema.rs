@@ -164,6 +164,7 @@ pub struct Schema {
     pub quota_data: Option<Columns>,
     pub channels: Option<Columns>,
     pub options: Option<Columns>,
+    pub users: Option<Columns>,
 }
 
 impl Schema {
@@ -186,6 +187,7 @@ impl Schema {
         let quota_data = main.table_columns("quota_data")?.map(Columns::new);
         let channels = main.table_columns("channels")?.map(Columns::new);
         let options = main.table_columns("options")?.map(Columns::new);
+        let users = main.table_columns("users")?.map(Columns::new);
         let generation = Generation::of(quota_data.as_ref());
         if let (Some(rules), Some(q)) = (generation.rules(), &quota_data) {
             for col in rules.quota_data_key {
@@ -204,6 +206,7 @@ impl Schema {
             quota_data,
             channels,
             options,
+            users,
         })
     }
 }

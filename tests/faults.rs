@@ -148,13 +148,20 @@ fn a_failing_collector_is_named_by_its_success_gauge() {
             .collect()
     };
     let success = |s: &[Sample]| by_collector(s, "newapi_exporter_collector_success");
-    let expected: Vec<(String, f64)> = ["channels", "logs", "options", "quota_data", "reconcile"]
-        .iter()
-        .map(|c| (c.to_string(), 1.0))
-        .collect();
+    let expected: Vec<(String, f64)> = [
+        "channels",
+        "logs",
+        "options",
+        "quota_data",
+        "reconcile",
+        "users",
+    ]
+    .iter()
+    .map(|c| (c.to_string(), 1.0))
+    .collect();
     assert_eq!(success(&samples), expected);
     let durations = by_collector(&samples, "newapi_exporter_collector_duration_seconds");
-    assert_eq!(durations.len(), 5);
+    assert_eq!(durations.len(), 6);
     assert!(
         durations
             .iter()

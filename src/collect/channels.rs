@@ -1,5 +1,6 @@
-//! Channel state from `channels`: status, balance, last test response time; and the channel
-//! names the usage counters are labeled with.
+//! Channel state from `channels`: status, balance, last test response time, the quota the
+//! gateway's second ledger charged (`used_quota`); and the channel names the usage counters are
+//! labeled with.
 //!
 //! The table holds one row per upstream channel (tens to a few thousand) and has no change
 //! column, so each poll reads it whole in one short statement. `key` is a secret and is never
@@ -24,6 +25,7 @@ struct Channel {
     status: Option<f64>,
     balance_usd: Option<f64>,
     response_time_seconds: Option<f64>,
+    used_quota: Option<f64>,
 }
 
 #[derive(Default)]
@@ -111,13 +113,14 @@ impl Collector for ChannelsCollector {
         let db = src.main();
         let d = db.dialect();
         let sql = format!(
-            "SELECT {}, {}, {}, {}, {}, {} FROM channels",
+            "SELECT {}, {}, {}, {}, {}, {}, {} FROM channels",
             d.ident("id"),
             cols.or(d, "name", "NULL"),
             cols.or(d, "type", "NULL"),
             cols.or(d, "status", "NULL"),
             d.float(&cols.or(d, "balance", "NULL")),
             cols.or(d, "response_time", "NULL"),
+            cols.or(d, "used_quota", "NULL"),
         );
         let rows = db.query(&sql, &[])?;
         ctx.count_rows("channels", rows.len() as u64);
@@ -134,6 +137,7 @@ impl Collector for ChannelsCollector {
                 status: cell(r, 3).as_f64(),
                 balance_usd: cell(r, 4).as_f64(),
                 response_time_seconds: cell(r, 5).as_f64().map(|ms| ms / 1000.0),
+                used_quota: cell(r, 6).as_f64(),
             })
             .collect();
         self.channels.sort_by(|a, b| a.id.cmp(&b.id));
@@ -150,6 +154,7 @@ impl Collector for ChannelsCollector {
         let mut status = Family::of(&m::CHANNEL_STATUS);
         let mut balance = Family::of(&m::CHANNEL_BALANCE_USD);
         let mut response = Family::of(&m::CHANNEL_RESPONSE_TIME_SECONDS);
+        let mut used_quota = Family::of(&m::CHANNEL_USED_QUOTA);
         for c in &self.channels {
             let l = [
                 (CHANNEL_LABELS[0], c.id.as_str()),
@@ -165,10 +170,14 @@ impl Collector for ChannelsCollector {
             if let Some(v) = c.response_time_seconds {
                 response.sample(&l, v);
             }
+            if let Some(v) = c.used_quota {
+                used_quota.sample(&l, v);
+            }
         }
         status.finish(out);
         balance.finish(out);
         response.finish(out);
+        used_quota.finish(out);
     }
 }
 

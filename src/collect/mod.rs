@@ -11,6 +11,7 @@ pub mod options;
 pub mod plausible;
 pub mod quota_data;
 pub mod recording_health;
+pub mod users;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -45,6 +46,7 @@ pub fn for_schema(
     let mut collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(OptionsCollector::default()),
         Box::new(ChannelsCollector::default()),
+        Box::new(users::UsersCollector::default()),
     ];
     if has_quota_data {
         collectors.push(Box::new(QuotaDataCollector::new(

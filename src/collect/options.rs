@@ -1,5 +1,6 @@
 //! Gateway settings from `options` that change what the numbers mean: `QuotaPerUnit` (quota per
-//! USD) and the switches and interval of the dashboard export. A few rows, read each poll.
+//! USD), whether billed requests are logged at all, and the switches and interval of the
+//! dashboard export. A few rows, read each poll.
 
 use anyhow::Result;
 use prometheus::proto::MetricFamily;
@@ -100,6 +101,16 @@ impl Collector for OptionsCollector {
         f.finish(out);
         let mut f = Family::of(&m::QUOTA_PER_UNIT);
         f.sample(&[], ctx.options.quota_per_unit);
+        f.finish(out);
+        let mut f = Family::of(&m::LOG_CONSUME_ENABLED);
+        f.sample(
+            &[],
+            if ctx.options.log_consume_enabled {
+                1.0
+            } else {
+                0.0
+            },
+        );
         f.finish(out);
         if ctx.schema.quota_data.is_none() {
             return; // one-api: no dashboard export to describe

@@ -95,6 +95,27 @@ pub const CHANNEL_BALANCE_USD: MetricDef = MetricDef {
     otel_name: "newapi.channel.balance",
     otel_unit: "USD",
 };
+pub const CHANNEL_USED_QUOTA: MetricDef = MetricDef {
+    name: "newapi_channel_used_quota",
+    help: "channels.used_quota as read: the quota the gateway's second ledger charged to the channel (quota units).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.channel.used_quota",
+    otel_unit: "{quota}",
+};
+pub const USERS_USED_QUOTA: MetricDef = MetricDef {
+    name: "newapi_users_used_quota",
+    help: "Sum of users.used_quota over all users as read (quota units).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.users.used_quota",
+    otel_unit: "{quota}",
+};
+pub const USERS_REQUESTS: MetricDef = MetricDef {
+    name: "newapi_users_requests",
+    help: "Sum of users.request_count over all users as read.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.users.requests",
+    otel_unit: "{request}",
+};
 pub const CHANNEL_RESPONSE_TIME_SECONDS: MetricDef = MetricDef {
     name: "newapi_channel_response_time_seconds",
     help: "Response time of the channel's last test by the gateway.",
@@ -108,6 +129,13 @@ pub const QUOTA_PER_UNIT: MetricDef = MetricDef {
     kind: Kind::Gauge,
     otel_name: "newapi.quota_per_unit",
     otel_unit: "{quota}/USD",
+};
+pub const LOG_CONSUME_ENABLED: MetricDef = MetricDef {
+    name: "newapi_log_consume_enabled",
+    help: "1 when the gateway writes a log row per billed request (options.LogConsumeEnabled, default true), else 0: every usage counter is blind while it is 0.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.log_consume.enabled",
+    otel_unit: "1",
 };
 pub const QUOTA_DATA_EXPORT_ENABLED: MetricDef = MetricDef {
     name: "newapi_quota_data_export_enabled",
@@ -334,8 +362,12 @@ pub const ALL: &[MetricDef] = &[
     ERRORS_TOTAL,
     CHANNEL_STATUS,
     CHANNEL_BALANCE_USD,
+    CHANNEL_USED_QUOTA,
+    USERS_USED_QUOTA,
+    USERS_REQUESTS,
     CHANNEL_RESPONSE_TIME_SECONDS,
     QUOTA_PER_UNIT,
+    LOG_CONSUME_ENABLED,
     QUOTA_DATA_EXPORT_ENABLED,
     QUOTA_DATA_EXPORT_INTERVAL_SECONDS,
     QUOTA_DATA_REQUESTS_TOTAL,
