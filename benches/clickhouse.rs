@@ -10,19 +10,10 @@ use std::time::Instant;
 use newapi_exporter::clock::unix_now;
 use newapi_exporter::collect::Settings;
 use newapi_exporter::db::dsn::DbConfig;
+use newapi_exporter::demo::gateway::CLICKHOUSE_LOGS_DDL as LOGS_DDL;
 use newapi_exporter::poll::Pipeline;
 
 use crate::{BIN, Exporter, data_dir, median};
-
-/// The gateway's DDL for `logs` in ClickHouse.
-const LOGS_DDL: &str = "CREATE TABLE IF NOT EXISTS logs (id Int64 DEFAULT 0, user_id Int32 DEFAULT 0, \
-    created_at Int64 DEFAULT 0, type Int32 DEFAULT 0, content String DEFAULT '', \
-    username String DEFAULT '', token_name String DEFAULT '', model_name String DEFAULT '', \
-    quota Int32 DEFAULT 0, prompt_tokens Int32 DEFAULT 0, completion_tokens Int32 DEFAULT 0, \
-    use_time Int32 DEFAULT 0, is_stream UInt8 DEFAULT 0, channel_id Int32 DEFAULT 0, \
-    token_id Int32 DEFAULT 0, `group` String DEFAULT '', ip String DEFAULT '', \
-    request_id String DEFAULT '', upstream_request_id String DEFAULT '', other String DEFAULT '') \
-    ENGINE = MergeTree() PARTITION BY toYYYYMM(toDateTime(created_at)) ORDER BY (created_at, request_id)";
 
 /// The exporter's own aggregate, as it sends it, over the whole table in one statement: what
 /// `clickhouse-client` runs for comparison.

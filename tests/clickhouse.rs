@@ -12,20 +12,11 @@ use std::time::Duration;
 use newapi_exporter::clock::{HOUR, unix_now};
 use newapi_exporter::collect::Settings;
 use newapi_exporter::db::dsn::DbConfig;
+use newapi_exporter::demo::gateway::CLICKHOUSE_LOGS_DDL as LOGS_DDL;
 use newapi_exporter::poll::Pipeline;
 use rusqlite::Connection;
 
 use crate::common::*;
-
-/// The gateway's own DDL for `logs` in ClickHouse (no TTL; `ttl` adds one).
-const LOGS_DDL: &str = "CREATE TABLE logs (id Int64 DEFAULT 0, user_id Int32 DEFAULT 0, \
-    created_at Int64 DEFAULT 0, type Int32 DEFAULT 0, content String DEFAULT '', \
-    username String DEFAULT '', token_name String DEFAULT '', model_name String DEFAULT '', \
-    quota Int32 DEFAULT 0, prompt_tokens Int32 DEFAULT 0, completion_tokens Int32 DEFAULT 0, \
-    use_time Int32 DEFAULT 0, is_stream UInt8 DEFAULT 0, channel_id Int32 DEFAULT 0, \
-    token_id Int32 DEFAULT 0, `group` String DEFAULT '', ip String DEFAULT '', \
-    request_id String DEFAULT '', upstream_request_id String DEFAULT '', other String DEFAULT '') \
-    ENGINE = MergeTree() PARTITION BY toYYYYMM(toDateTime(created_at)) ORDER BY (created_at, request_id)";
 
 /// The columns copied from the gateway's SQLite `logs` (all of the DDL's but `id`).
 const COLUMNS: &str = "user_id, created_at, type, content, username, token_name, model_name, \
@@ -182,14 +173,6 @@ fn gateway_series(samples: &[Sample]) -> Vec<Sample> {
         .collect();
     out.sort_by(|a, b| (&a.name, &a.labels).cmp(&(&b.name, &b.labels)));
     out
-}
-
-fn model_requests(samples: &[Sample], model: &str) -> f64 {
-    series(samples, "newapi_requests_total")
-        .iter()
-        .filter(|(l, _)| l.get("model").map(String::as_str) == Some(model))
-        .map(|(_, v)| v)
-        .sum()
 }
 
 #[test]

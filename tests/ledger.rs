@@ -163,3 +163,39 @@ fn consume_logging_switched_off_is_shown() {
     .unwrap();
     assert_eq!(enabled(&InProcess::new(&db).poll()), Some(1.0));
 }
+
+#[test]
+fn the_demo_gateway_charges_what_it_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    newapi_exporter::demo::create(&db, std::time::Duration::from_secs(6 * 3600), 4).unwrap();
+    // The oracle: billed quota per channel from the logs, channel tests left out.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT channel_id, SUM(quota) FROM logs WHERE type = 2 \
+             AND NOT (token_id = 0 AND token_name = '模型测试') GROUP BY channel_id",
+        )
+        .unwrap();
+    let logged: std::collections::BTreeMap<String, f64> = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, i64>(0)?.to_string(), r.get::<_, i64>(1)? as f64))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(logged.len() >= 3, "{logged:?}");
+    let samples = InProcess::new(&db).poll();
+    let charged: std::collections::BTreeMap<String, f64> =
+        series(&samples, "newapi_channel_used_quota")
+            .into_iter()
+            .filter(|(_, v)| *v != 0.0)
+            .map(|(l, v)| (l["channel_id"].clone(), v))
+            .collect();
+    assert_eq!(charged, logged);
+    let users: f64 = logged.values().sum();
+    assert_eq!(
+        series(&samples, "newapi_users_used_quota").get(&Labels::new()),
+        Some(&users)
+    );
+}

@@ -90,14 +90,6 @@ fn exporter() -> Command {
     Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
 }
 
-fn requests_of(samples: &[Sample], model: &str) -> f64 {
-    series(samples, "newapi_requests_total")
-        .iter()
-        .filter(|(l, _)| l.get("model").map(String::as_str) == Some(model))
-        .map(|(_, v)| v)
-        .sum()
-}
-
 #[test]
 fn a_wal_database_is_read_without_leaving_files_behind() {
     let dir = tempfile::tempdir().unwrap();
@@ -164,7 +156,7 @@ fn a_wal_database_is_read_without_leaving_files_behind() {
 fn wait_for(exp: &Running, model: &str, requests: f64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let seen = requests_of(&exp.scrape(), model);
+        let seen = model_requests(&exp.scrape(), model);
         if seen == requests {
             return;
         }

@@ -157,6 +157,20 @@ struct MapKey {
     channel_id: i64,
 }
 
+/// The gateway's `logs` table in ClickHouse (`LOG_SQL_DSN`), without the optional TTL clause.
+pub const CLICKHOUSE_LOGS_DDL: &str = "CREATE TABLE IF NOT EXISTS logs (id Int64 DEFAULT 0, \
+    user_id Int32 DEFAULT 0, created_at Int64 DEFAULT 0, type Int32 DEFAULT 0, \
+    content String DEFAULT '', username String DEFAULT '', token_name String DEFAULT '', \
+    model_name String DEFAULT '', quota Int32 DEFAULT 0, prompt_tokens Int32 DEFAULT 0, \
+    completion_tokens Int32 DEFAULT 0, use_time Int32 DEFAULT 0, is_stream UInt8 DEFAULT 0, \
+    channel_id Int32 DEFAULT 0, token_id Int32 DEFAULT 0, `group` String DEFAULT '', \
+    ip String DEFAULT '', request_id String DEFAULT '', upstream_request_id String DEFAULT '', \
+    other String DEFAULT '') ENGINE = MergeTree() PARTITION BY toYYYYMM(toDateTime(created_at)) \
+    ORDER BY (created_at, request_id)";
+
+/// The token name the gateway logs channel tests under (`模型测试`, "model test").
+pub const CHANNEL_TEST_TOKEN_NAME: &str = "模型测试";
+
 pub struct Gateway {
     pub conn: Connection,
     tables: Tables,
@@ -264,7 +278,29 @@ impl Gateway {
         if feed_quota_data && row.log_type == LOG_TYPE_CONSUME && self.tables != Tables::OneApi {
             self.feed_row(row, hour_of);
         }
+        if row.log_type == LOG_TYPE_CONSUME {
+            self.charge(row)?;
+        }
         Ok(id)
+    }
+
+    /// The second ledger, as the gateway moves it for a billed request: the channel's and the
+    /// user's `used_quota` and the user's `request_count`. Channel tests (token 0) are never
+    /// charged; a zero-usage row charges nothing.
+    pub fn charge(&self, row: &LogRow) -> Result<()> {
+        if row.token_id == 0 && row.token_name == CHANNEL_TEST_TOKEN_NAME {
+            return Ok(());
+        }
+        self.conn.execute(
+            "UPDATE channels SET used_quota = used_quota + ?1 WHERE id = ?2",
+            params![row.quota, row.channel_id],
+        )?;
+        self.conn.execute(
+            "UPDATE users SET used_quota = used_quota + ?1, request_count = request_count + 1 \
+             WHERE id = ?2",
+            params![row.quota, row.user_id],
+        )?;
+        Ok(())
     }
 
     /// Adds one consume row to the in-memory map: keyed by the generation's columns, in the

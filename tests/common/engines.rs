@@ -255,6 +255,7 @@ impl TestDb {
                     "response_time",
                     "group",
                     "models",
+                    "used_quota",
                 ]
                 .map(String::from)
                 .to_vec(),

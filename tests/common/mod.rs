@@ -324,6 +324,15 @@ impl Drop for Running {
     }
 }
 
+/// `newapi_requests_total` of one model, summed over its other labels.
+pub fn model_requests(samples: &[Sample], model: &str) -> f64 {
+    series(samples, "newapi_requests_total")
+        .iter()
+        .filter(|(l, _)| l.get("model").map(String::as_str) == Some(model))
+        .map(|(_, v)| v)
+        .sum()
+}
+
 /// The usage counters, each as (metric name, oracle value column).
 pub const USAGE_COUNTERS: &[&str] = &[
     "newapi_requests_total",
