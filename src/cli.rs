@@ -211,7 +211,7 @@ pub struct LogArgs {
     )]
     pub log_level: tracing::Level,
 
-    /// Log format.
+    /// Log format: text, logfmt (as the official exporters write it) or json.
     #[arg(
         long = "log.format",
         global = true,
@@ -224,6 +224,7 @@ pub struct LogArgs {
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
+    Logfmt,
     Json,
 }
 
@@ -319,9 +320,11 @@ pub fn poll_settings(db: &DbArgs, window: &WindowArgs, series: &SeriesArgs) -> S
 
 #[derive(Args, Debug, Clone)]
 pub struct WebArgs {
-    /// Address to listen on for the metrics endpoint and landing page.
-    #[arg(long = "web.listen-address", default_value = DEFAULT_LISTEN, value_name = "ADDR")]
-    pub listen_address: SocketAddr,
+    /// Address to listen on for the metrics endpoint and landing page; repeat it to listen on
+    /// several. `:10160` (as other exporters take it) means every interface.
+    #[arg(long = "web.listen-address", default_value = DEFAULT_LISTEN, value_name = "ADDR",
+          value_parser = parse_listen_address, action = clap::ArgAction::Append)]
+    pub listen_address: Vec<SocketAddr>,
 
     /// Path under which metrics are served.
     #[arg(long = "web.telemetry-path", default_value = "/metrics", value_name = "PATH",
@@ -441,6 +444,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("the duration must be greater than zero".into());
     }
     Ok(d)
+}
+
+/// `host:port`, `ip:port`, `[ipv6]:port`, or `:port` for every interface (the Go form the
+/// official exporters' flags take).
+fn parse_listen_address(s: &str) -> Result<SocketAddr, String> {
+    let full = match s.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => s.to_string(),
+    };
+    if let Ok(addr) = full.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    use std::net::ToSocketAddrs;
+    full.to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not an address to listen on (host:port or :port): {e}"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
 /// A literal path (no route syntax: `{`, `:` or `*` are ordinary characters), reachable in

@@ -38,6 +38,14 @@ fn init_logging(log: &LogArgs) {
             .with(layer.json())
             .with(filter)
             .init(),
+        LogFormat::Logfmt => tracing_subscriber::registry()
+            .with(
+                tracing_logfmt::builder()
+                    .layer()
+                    .with_writer(std::io::stderr),
+            )
+            .with(filter)
+            .init(),
     }
 }
 

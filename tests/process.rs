@@ -372,3 +372,89 @@ fn any_valid_telemetry_path_is_served_exactly_there() {
         assert!(!err.contains("panicked"), "{bad}: {err}");
     }
 }
+
+#[test]
+fn listen_addresses_are_taken_as_other_exporters_take_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_db(dir.path());
+    // `:port` (every interface) and a repeated flag: one listener each (the helper adds a third).
+    let exp = Running::start(&[
+        "--sqlite-path",
+        db.to_str().unwrap(),
+        "--web.listen-address",
+        ":0",
+        "--web.listen-address",
+        "[::1]:0",
+    ]);
+    exp.wait_ready(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut addrs = vec![exp.addr.clone()];
+    for line in exp.stderr_lines() {
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            addrs.push(rest.split('/').next().unwrap().to_string());
+        }
+    }
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 3, "{addrs:?}");
+    assert!(addrs.iter().any(|a| a.starts_with("0.0.0.0:")), "{addrs:?}");
+    assert!(addrs.iter().any(|a| a.starts_with("[::1]:")), "{addrs:?}");
+    for addr in &addrs {
+        let (status, _) = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent()
+            .get(format!(
+                "http://{}/-/healthy",
+                addr.replace("0.0.0.0", "127.0.0.1")
+            ))
+            .call()
+            .map(|r| (r.status().as_u16(), ()))
+            .unwrap();
+        assert_eq!(status, 200, "{addr}");
+    }
+    // A value that is no address is refused, naming the flag's value.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+        .args(["--web.listen-address", "nonsense"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--web.listen-address") && stderr.contains("nonsense"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn logs_can_be_written_in_logfmt() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_db(dir.path());
+    let mut exp = Running::start(&[
+        "--sqlite-path",
+        db.to_str().unwrap(),
+        "--log.format",
+        "logfmt",
+    ]);
+    exp.wait_ready(Duration::from_secs(30));
+    let _ = exp.sigterm();
+    let lines = exp.stderr_lines();
+    // key=value pairs, one event a line, from start to shutdown.
+    assert!(lines.len() >= 2, "{lines:?}");
+    for line in &lines {
+        assert!(
+            line.starts_with("ts=") && line.contains(" level="),
+            "{line}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("level=info") && l.contains("message=\"gateway schema detected\"")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("message=stopped")),
+        "{lines:?}"
+    );
+}

@@ -94,14 +94,13 @@ async fn serve(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Resu
         )?),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(web.listen_address)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (--web.listen-address)",
-                web.listen_address
-            )
-        })?;
+    let mut listeners = Vec::new();
+    for addr in &web.listen_address {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--web.listen-address)"))?;
+        listeners.push(listener);
+    }
     let interval = web.poll_interval;
     let poll_shared = shared.clone();
     let poll_thread = std::thread::Builder::new()
@@ -127,12 +126,14 @@ async fn serve(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Resu
     let limits = Limits::for_this_process();
     tracing::debug!(?limits, "connection limits");
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(
-        "listening on {scheme}://{}{}",
-        listener.local_addr()?,
-        web.telemetry_path
-    );
-    server::serve(listener, app, tls, limits, async move {
+    for listener in &listeners {
+        tracing::info!(
+            "listening on {scheme}://{}{}",
+            listener.local_addr()?,
+            web.telemetry_path
+        );
+    }
+    server::serve(listeners, app, tls, limits, async move {
         shutdown_signal().await;
         signal_stop();
     })

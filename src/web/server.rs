@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
@@ -85,9 +85,9 @@ pub fn raise_fd_limit() -> u64 {
     1024
 }
 
-/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown` completes.
+/// Serves `app` on every listener (over TLS with `tls`) until `shutdown` completes.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     app: Router,
     tls: Option<rustls::ServerConfig>,
     limits: Limits,
@@ -106,7 +106,14 @@ pub async fn serve(
         .max_concurrent_streams(32);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
-    let mut accept_failing = false;
+    // One accepting task per listener hands its connections over; the channel holds one, so a
+    // listener stops accepting while every connection slot is taken.
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::channel::<TcpStream>(1);
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| tokio::spawn(accept_loop(listener, accepted_tx.clone())))
+        .collect();
+    drop(accepted_tx);
     tokio::pin!(shutdown);
     loop {
         let slot = tokio::select! {
@@ -114,21 +121,9 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    accept_failing = false;
-                    stream
-                }
-                Err(e) => {
-                    // Out of file descriptors, or a connection reset before it was accepted:
-                    // say so once, and do not spin.
-                    if !accept_failing {
-                        tracing::warn!("accepting a connection failed: {e}");
-                        accept_failing = true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            stream = accepted.recv() => match stream {
+                Some(stream) => stream,
+                None => break,
             },
             () = &mut shutdown => break,
         };
@@ -157,7 +152,9 @@ pub async fn serve(
             }
         });
     }
-    drop(listener);
+    for acceptor in acceptors {
+        acceptor.abort();
+    }
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(limits.shutdown_grace) => {
@@ -168,4 +165,28 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Accepts connections on one listener and hands them over until the receiver is gone.
+async fn accept_loop(listener: TcpListener, to: tokio::sync::mpsc::Sender<TcpStream>) {
+    let mut failing = false;
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                failing = false;
+                if to.send(stream).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // Out of file descriptors, or a connection reset before it was accepted: say so
+                // once, and do not spin.
+                if !failing {
+                    tracing::warn!("accepting a connection failed: {e}");
+                    failing = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
