@@ -181,11 +181,32 @@ fn dashboards_follow_the_conventions() {
         let var = |name: &str| vars.iter().find(|v| v["name"] == name);
         assert_eq!(var("datasource").unwrap()["type"], "datasource", "{file}");
         assert!(var("job").is_some() && var("instance").is_some(), "{file}");
+        // Shipped dashboards are provisioned: edits belong in the file, not in Grafana.
+        assert_eq!(d["editable"], false, "{file}: editable");
+        // Each links to the other.
+        let links = d["links"].as_array().unwrap();
+        assert!(
+            dashboards()
+                .iter()
+                .filter(|(other, _)| *other != file)
+                .all(|(_, o)| {
+                    let target = format!("/d/{}", o["uid"].as_str().unwrap());
+                    links
+                        .iter()
+                        .any(|l| l["url"].as_str().unwrap_or("").starts_with(&target))
+                }),
+            "{file}: does not link to every other dashboard"
+        );
         let mut targets = 0;
         for p in d["panels"].as_array().unwrap() {
             if p["type"] == "row" {
                 continue;
             }
+            assert!(
+                p["description"].as_str().is_some_and(|t| t.len() > 20),
+                "{file}: panel {} has no description",
+                p["title"]
+            );
             assert_eq!(
                 p["datasource"]["uid"], "${datasource}",
                 "{file}: {}",
