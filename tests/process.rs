@@ -458,3 +458,48 @@ fn logs_can_be_written_in_logfmt() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn build_info_and_process_metrics_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_db(dir.path());
+    let exp = Running::start(&["--sqlite-path", db.to_str().unwrap()]);
+    exp.wait_ready(Duration::from_secs(30));
+    let samples = exp.scrape();
+    let info = series(&samples, "newapi_exporter_build_info");
+    assert_eq!(info.len(), 1);
+    let (labels, value) = info.iter().next().unwrap();
+    assert_eq!(*value, 1.0);
+    assert_eq!(labels["version"], env!("CARGO_PKG_VERSION"));
+    let run = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let rustc = run("rustc", &["--version"]).unwrap();
+    assert_eq!(
+        rustc.split_whitespace().nth(1),
+        Some(labels["rustversion"].as_str())
+    );
+    match run("git", &["rev-parse", "--short=12", "HEAD"]) {
+        Some(head) => assert_eq!(labels["revision"], head),
+        None => assert_eq!(labels["revision"], "unknown"),
+    }
+    // The standard process metrics, with plausible values for this very process.
+    let one = |name: &str| {
+        series(&samples, name)
+            .values()
+            .next()
+            .copied()
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    assert!(one("process_resident_memory_bytes") > 1_000_000.0);
+    assert!(one("process_open_fds") >= 3.0);
+    let started = one("process_start_time_seconds");
+    let now = newapi_exporter::clock::unix_now() as f64;
+    assert!(started <= now && started > now - 120.0, "{started}");
+}

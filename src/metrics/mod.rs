@@ -272,7 +272,7 @@ pub const UP: MetricDef = MetricDef {
 };
 pub const EXPORTER_BUILD_INFO: MetricDef = MetricDef {
     name: "newapi_exporter_build_info",
-    help: "Constant 1, labeled with the exporter's version.",
+    help: "Constant 1, labeled with the exporter's version, git revision and branch, and the Rust compiler's version.",
     kind: Kind::Gauge,
     otel_name: "newapi.exporter.build_info",
     otel_unit: "1",

@@ -30,10 +30,18 @@ impl Health {
     pub fn new() -> Self {
         let registry = Registry::new();
         let up = IntGauge::with_opts(opts(&m::UP)).expect("valid metric");
-        let build_info =
-            IntGaugeVec::new(opts(&m::EXPORTER_BUILD_INFO), &["version"]).expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            opts(&m::EXPORTER_BUILD_INFO),
+            &["version", "revision", "branch", "rustversion"],
+        )
+        .expect("valid metric");
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                env!("NEWAPI_BUILD_REVISION"),
+                env!("NEWAPI_BUILD_BRANCH"),
+                env!("NEWAPI_BUILD_RUST_VERSION"),
+            ])
             .set(1);
         let poll_duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -77,6 +85,14 @@ impl Health {
         for c in all {
             registry.register(c).expect("unique metric names");
         }
+        // The standard process_* metrics (CPU, memory, file descriptors, start time), as every
+        // official exporter serves them; Linux only.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric names");
         Health {
             registry,
             up,
