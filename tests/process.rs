@@ -503,3 +503,45 @@ fn build_info_and_process_metrics_are_served() {
     let now = newapi_exporter::clock::unix_now() as f64;
     assert!(started <= now && started > now - 120.0, "{started}");
 }
+
+/// One HTTP/1.0 GET (no chunking): the response's headers, lowercased, and its body.
+fn raw_get(addr: &str, path: &str, accept_encoding: Option<&str>) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let extra = accept_encoding
+        .map(|e| format!("Accept-Encoding: {e}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}\r\n").unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&all[..split]).to_ascii_lowercase();
+    (head, all[split + 4..].to_vec())
+}
+
+#[test]
+fn metrics_are_gzipped_for_clients_that_ask() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_db(dir.path());
+    let exp = Running::start(&[
+        "--sqlite-path",
+        db.to_str().unwrap(),
+        "--poll-interval",
+        "1h",
+    ]);
+    exp.wait_ready(Duration::from_secs(30));
+    let (plain_head, plain) = raw_get(&exp.addr, "/metrics", None);
+    assert!(!plain_head.contains("content-encoding"), "{plain_head}");
+    let (gz_head, gz) = raw_get(&exp.addr, "/metrics", Some("gzip"));
+    assert!(gz_head.contains("content-encoding: gzip"), "{gz_head}");
+    assert!(
+        gz.len() * 4 < plain.len(),
+        "{} vs {} bytes",
+        gz.len(),
+        plain.len()
+    );
+    let mut unzipped = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut unzipped).unwrap();
+    assert_eq!(unzipped, plain);
+    assert!(String::from_utf8_lossy(&plain).contains("newapi_requests_total{"));
+}

@@ -46,6 +46,8 @@ pub fn router(shared: Arc<Shared>, telemetry_path: &str) -> Router {
             }
         })
         .with_state(shared)
+        // gzip for clients that ask (Prometheus always does): a scrape shrinks about tenfold.
+        .layer(tower_http::compression::CompressionLayer::new().gzip(true))
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
