@@ -157,10 +157,11 @@ pub struct SeriesArgs {
     #[arg(long = "labels.user")]
     pub user: bool,
 
-    /// Usage labels to leave out, comma-separated (model, channel_id, channel_name, group);
-    /// their series are summed together.
+    /// Usage labels to leave out, comma-separated (channel_id, channel_name, group); their
+    /// series are summed together. `model` stays: the reconciliation and its alerts join on it
+    /// (bound the models with --series.max-per-metric instead).
     #[arg(long = "labels.exclude", value_name = "LABELS", value_delimiter = ',',
-          value_parser = ["model", "channel_id", "channel_name", "group"])]
+          value_parser = parse_excluded_label)]
     pub exclude: Vec<String>,
 
     /// Most series per metric (label sets, by first appearance); later ones are folded into
@@ -444,6 +445,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("the duration must be greater than zero".into());
     }
     Ok(d)
+}
+
+/// A usage label that may be left out. Without `model` the usage counters could not be joined
+/// with the per-model reconciliation gauges, and the missing-quota alerts would never fire.
+fn parse_excluded_label(s: &str) -> Result<String, String> {
+    match s {
+        "channel_id" | "channel_name" | "group" => Ok(s.to_string()),
+        "model" => Err(
+            "model cannot be left out: the missing-quota alerts and the \
+                        reconciliation join the usage counters with their per-model gauges on it; \
+                        bound the number of models with --series.max-per-metric instead"
+                .to_string(),
+        ),
+        other => Err(format!(
+            "{other:?} is not a usage label that can be left out (channel_id, channel_name, group)"
+        )),
+    }
 }
 
 /// `host:port`, `ip:port`, `[ipv6]:port`, or `:port` for every interface (the Go form the

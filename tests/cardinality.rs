@@ -221,6 +221,18 @@ fn bad_label_flags_are_refused() {
         err.contains("colour") && err.contains("--labels.exclude"),
         "{err}"
     );
+    // The missing-quota alerts join on `model`: leaving it out is refused, with the reason and
+    // the alternative.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+        .args(["--labels.exclude", "model"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("missing-quota alerts") && err.contains("--series.max-per-metric"),
+        "{err}"
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
         .args(["--series.max-per-metric", "0"])
         .output()
