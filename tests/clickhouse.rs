@@ -518,3 +518,39 @@ fn every_statement_sent_to_clickhouse_runs_alike_on_a_current_release() {
         assert_eq!(o, c, "the two releases differ on {s}");
     }
 }
+
+#[test]
+fn otlp_exports_the_same_figures_with_logs_in_clickhouse() {
+    let Some(url) = server("otlp_exports_the_same_figures_with_logs_in_clickhouse") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    newapi_exporter::demo::create(&db, Duration::from_secs(4 * HOUR as u64), 15).unwrap();
+    let ch = Ch::create(&url, "otlp");
+    ch.copy_logs(&db, "1 = 1");
+    let (_rt, received, addr) = crate::otlp::grpc_receiver();
+    let exp = Running::start_with_env(
+        &[
+            "--sqlite-path",
+            db.to_str().unwrap(),
+            "--log-sql-dsn",
+            &ch.dsn(),
+            "--otlp.endpoint",
+            &format!("http://{addr}"),
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+        ],
+    );
+    exp.wait_ready(Duration::from_secs(30));
+    crate::otlp::wait_for("a gRPC export with usage", || {
+        crate::otlp::latest(&received)
+            .keys()
+            .any(|(n, _)| n == "newapi.requests")
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    // The oracle reads the SQLite rows the ClickHouse table was copied from.
+    crate::otlp::check_usage_against_sql(&db, &received);
+}

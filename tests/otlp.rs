@@ -23,7 +23,7 @@ use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use prost::Message;
 use rusqlite::Connection;
 
-type Received = Arc<Mutex<Vec<ExportMetricsServiceRequest>>>;
+pub(crate) type Received = Arc<Mutex<Vec<ExportMetricsServiceRequest>>>;
 
 fn text(v: &Option<AnyValue>) -> String {
     match v.as_ref().and_then(|v| v.value.as_ref()) {
@@ -38,7 +38,7 @@ fn attrs(kv: &[KeyValue]) -> BTreeMap<String, String> {
 }
 
 /// The newest value of every (metric, attributes) in the received exports.
-fn latest(received: &Received) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
+pub(crate) fn latest(received: &Received) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
     let mut out = BTreeMap::new();
     for req in received.lock().unwrap().iter() {
         for rm in &req.resource_metrics {
@@ -115,7 +115,7 @@ impl MetricsService for Grpc {
     }
 }
 
-fn grpc_receiver() -> (tokio::runtime::Runtime, Received, SocketAddr) {
+pub(crate) fn grpc_receiver() -> (tokio::runtime::Runtime, Received, SocketAddr) {
     let received: Received = Arc::default();
     let rt = runtime();
     let addr = TcpListener::bind("127.0.0.1:0")
@@ -162,7 +162,7 @@ fn fixture(dir: &Path) -> std::path::PathBuf {
     db
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ok() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -187,7 +187,26 @@ fn by(
     out
 }
 
+/// Usage per model and the lag, against SQL over `db`'s logs and quota_data.
+/// [`check_usage_against_sql`], and the fixture's channels.
 fn check_against_sql(db: &Path, received: &Received) {
+    check_usage_against_sql(db, received);
+    let points = latest(received);
+    // The provider comes from the channel type where the conventions name one.
+    let providers = by(&points, "newapi.requests", "gen_ai.provider.name", |a| {
+        a["newapi.channel.id"] == "1"
+    });
+    assert_eq!(providers.keys().collect::<Vec<_>>(), vec!["openai"]);
+    let status = by(
+        &points,
+        "newapi.channel.status",
+        "newapi.channel.name",
+        |_| true,
+    );
+    assert_eq!(status.get("anthropic"), Some(&3.0));
+}
+
+pub(crate) fn check_usage_against_sql(db: &Path, received: &Received) {
     let points = latest(received);
     let conn = Connection::open(db).unwrap();
     let mut stmt = conn
@@ -230,18 +249,6 @@ fn check_against_sql(db: &Path, received: &Received) {
         );
         assert_eq!(quota.get(&model), Some(&(q as f64)), "quota of {model}");
     }
-    // The provider comes from the channel type where the conventions name one.
-    let providers = by(&points, "newapi.requests", "gen_ai.provider.name", |a| {
-        a["newapi.channel.id"] == "1"
-    });
-    assert_eq!(providers.keys().collect::<Vec<_>>(), vec!["openai"]);
-    let status = by(
-        &points,
-        "newapi.channel.status",
-        "newapi.channel.name",
-        |_| true,
-    );
-    assert_eq!(status.get("anthropic"), Some(&3.0));
     // The lag, against the same SQL as the recording-health oracle.
     let (newest_log, newest_hour): (i64, i64) = conn
         .query_row(
