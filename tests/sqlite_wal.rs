@@ -67,18 +67,26 @@ fn running_gateway(db: &Path, rows: i64) -> Connection {
     conn
 }
 
-fn reconcile_totals(mut cmd: Command, db: &Path) -> (i64, i64) {
+/// Runs `cmd SUBCOMMAND --sqlite-path DB ...` and returns its standard output; fails the test,
+/// with the exporter's error, when it does not succeed.
+fn run_ok(mut cmd: Command, args: &[&str], db: &Path) -> Vec<u8> {
     let out = cmd
-        .args(["reconcile", "--format", "json", "--sqlite-path"])
+        .args(args)
+        .arg("--sqlite-path")
         .arg(db)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "reconcile failed: {}",
+        "{args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    out.stdout
+}
+
+fn reconcile_totals(cmd: Command, db: &Path) -> (i64, i64) {
+    let stdout = run_ok(cmd, &["reconcile", "--format", "json"], db);
+    let report: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     let logs = &report["totals"]["logs"];
     (
         logs["requests"].as_i64().unwrap(),
@@ -97,16 +105,7 @@ fn a_wal_database_is_read_without_leaving_files_behind() {
     let content = std::fs::read(&db).unwrap();
     let expected = consume_oracle(&db);
 
-    let check = exporter()
-        .args(["check", "--sqlite-path"])
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    run_ok(exporter(), &["check"], &db);
     assert_eq!(reconcile_totals(exporter(), &db), expected);
     assert_eq!(beside(&db), Vec::<String>::new(), "check and reconcile");
     assert!(
@@ -204,16 +203,7 @@ fn a_wal_database_in_a_read_only_directory_is_read() {
     let expected = consume_oracle(&db);
 
     // The gateway is stopped: neither -wal nor -shm exists, and none can be created.
-    let check = exporter_unable_to_write(dir.path())
-        .args(["check", "--sqlite-path"])
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "check: {}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    run_ok(exporter_unable_to_write(dir.path()), &["check"], &db);
     assert_eq!(
         reconcile_totals(exporter_unable_to_write(dir.path()), &db),
         expected

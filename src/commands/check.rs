@@ -63,9 +63,10 @@ pub fn run(args: &DbArgs) -> Result<()> {
     println!("integrity: ok");
     if src.logs().dialect().0 == Engine::Clickhouse {
         // ClickHouse rows carry no id: they are read by time.
+        let created = src.logs().dialect().ident("created_at");
         let rows = src
             .logs()
-            .query("SELECT count(), max(`created_at`) FROM logs", &[])?;
+            .query(&format!("SELECT COUNT(*), MAX({created}) FROM logs"), &[])?;
         let cell = |i: usize| {
             rows.first()
                 .and_then(|r| r.get(i))

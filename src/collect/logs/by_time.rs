@@ -89,7 +89,7 @@ impl LogsCollector {
     ) -> Result<HashMap<super::UsageKey, super::Usage>> {
         let kept = std::mem::take(&mut self.usage);
         self.count_rejections = settle;
-        let result = self.read_days(db, ctx, from, until);
+        let result = self.read_in_spans(db, ctx, from, until);
         self.count_rejections = true;
         let read = std::mem::replace(&mut self.usage, kept);
         result.map(|()| read)
@@ -97,7 +97,7 @@ impl LogsCollector {
 
     /// Reads `[from, until)` in statements of about [`ROWS_PER_STATEMENT`] rows each (a time
     /// span sized from the range's row count), skipping spans without rows.
-    fn read_days(
+    fn read_in_spans(
         &mut self,
         db: &mut dyn Database,
         ctx: &mut Context,
