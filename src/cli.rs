@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Result, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::collect::ledger::RefundRule;
 use crate::collect::{DEFAULT_CHUNK_ROWS, LabelSettings, Settings};
 use crate::db::dsn::{ClickhouseDsn, DbConfig};
 use crate::demo::gateway::Tables;
@@ -189,6 +190,32 @@ pub struct WindowArgs {
     pub window: Duration,
     #[command(flatten)]
     pub settle: SettleArgs,
+    /// Window over which the second ledger (channels/users used_quota) is compared with the
+    /// logs: the newapi_ledger_* gauges show the last completed one.
+    #[arg(long = "ledger.window", default_value = "1h", value_name = "DURATION",
+          value_parser = parse_duration)]
+    pub ledger_window: Duration,
+    /// Whether refunds lower used_quota: `auto` (from the gateway nodes' versions in
+    /// system_instances: v1.0.0-rc.22 on), `lower`, or `keep` (older gateways).
+    #[arg(long = "ledger.refunds", default_value = "auto", value_enum)]
+    pub refunds: RefundsArg,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefundsArg {
+    Auto,
+    Lower,
+    Keep,
+}
+
+impl From<RefundsArg> for RefundRule {
+    fn from(a: RefundsArg) -> Self {
+        match a {
+            RefundsArg::Auto => RefundRule::Auto,
+            RefundsArg::Lower => RefundRule::Lower,
+            RefundsArg::Keep => RefundRule::Keep,
+        }
+    }
 }
 
 /// When an hour counts as settled: shared by the gauges and the one-shot commands.
@@ -316,6 +343,8 @@ pub fn poll_settings(db: &DbArgs, window: &WindowArgs, series: &SeriesArgs) -> S
         settle_margin_secs: window.settle.margin.as_secs() as i64,
         fixed_range: None,
         labels: series.settings(),
+        ledger_window_secs: (window.ledger_window.as_secs() as i64).max(1),
+        refunds: window.refunds.into(),
     }
 }
 

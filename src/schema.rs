@@ -18,6 +18,42 @@ pub const LOG_TYPE_ERROR: i64 = 5;
 /// `logs.type` of a refund on new-api; unused on one-api.
 pub const LOG_TYPE_REFUND: i64 = 6;
 
+/// The token name the gateway logs channel tests under (`模型测试`, "model test"), with
+/// `token_id` 0: consume rows that are mirrored into `quota_data` but never charged.
+pub const CHANNEL_TEST_TOKEN_NAME: &str = "模型测试";
+
+/// The first gateway release whose refunds lower `users.used_quota` and
+/// `channels.used_quota` (new-api PR 6795, merged 2026-08-12: the old behaviour was still
+/// reported on v1.0.0-rc.21). Before it, a refund gave the wallet back and left both alone.
+pub const REFUNDS_LOWER_USED_QUOTA_SINCE: (u64, u64, u64, Option<u64>) = (1, 0, 0, Some(22));
+
+/// Whether a gateway of this version lowers `used_quota` on refunds; `None` when the version
+/// does not read as `vMAJOR.MINOR.PATCH[-rc.N]` (a development build).
+pub fn refunds_lower_used_quota(version: &str) -> Option<bool> {
+    let v = version.trim().trim_start_matches('v');
+    let (release, pre) = match v.split_once('-') {
+        Some((r, p)) => (r, Some(p)),
+        None => (v, None),
+    };
+    let mut parts = release.split('.').map(|p| p.parse::<u64>().ok());
+    let (major, minor, patch) = (parts.next()??, parts.next()??, parts.next()??);
+    if parts.next().is_some() {
+        return None;
+    }
+    // A release sorts after all of its release candidates.
+    let rc = match pre {
+        None => None,
+        Some(p) => Some(
+            p.strip_prefix("rc.")
+                .or(p.strip_prefix("rc"))?
+                .parse::<u64>()
+                .ok()?,
+        ),
+    };
+    let key = |(a, b, c, rc): (u64, u64, u64, Option<u64>)| (a, b, c, rc.unwrap_or(u64::MAX));
+    Some(key((major, minor, patch, rc)) >= key(REFUNDS_LOWER_USED_QUOTA_SINCE))
+}
+
 /// Which generation of the gateway wrote the database: detected from its tables and columns,
 /// never from a version string. Each generation records billing by its own rules
 /// ([`Generation::rules`], the one place that holds them).
@@ -165,9 +201,23 @@ pub struct Schema {
     pub channels: Option<Columns>,
     pub options: Option<Columns>,
     pub users: Option<Columns>,
+    /// `system_instances` (2026-06-24 on): one row per gateway node.
+    pub system_instances: Option<Columns>,
 }
 
 impl Schema {
+    /// The condition that picks channel-test rows of `logs` (consume rows never charged).
+    pub fn channel_test_sql(&self, d: Dialect) -> String {
+        if !self.logs.has("token_name") {
+            return "1 = 0".to_string();
+        }
+        let mut sql = format!("{} = '{CHANNEL_TEST_TOKEN_NAME}'", d.ident("token_name"));
+        if self.logs.has("token_id") {
+            sql.push_str(&format!(" AND {} = 0", d.ident("token_id")));
+        }
+        sql
+    }
+
     pub fn detect(src: &mut Sources) -> Result<Schema> {
         let logs_where = src.logs().describe();
         let Some(logs) = src.logs().table_columns("logs")? else {
@@ -188,6 +238,7 @@ impl Schema {
         let channels = main.table_columns("channels")?.map(Columns::new);
         let options = main.table_columns("options")?.map(Columns::new);
         let users = main.table_columns("users")?.map(Columns::new);
+        let system_instances = main.table_columns("system_instances")?.map(Columns::new);
         let generation = Generation::of(quota_data.as_ref());
         if let (Some(rules), Some(q)) = (generation.rules(), &quota_data) {
             for col in rules.quota_data_key {
@@ -207,6 +258,31 @@ impl Schema {
             channels,
             options,
             users,
+            system_instances,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refunds_lower_used_quota;
+
+    #[test]
+    fn refund_handling_follows_the_release_that_changed_it() {
+        for (version, lowers) in [
+            ("v1.0.0-rc.21", Some(false)),
+            ("v1.0.0-rc.22", Some(true)),
+            ("v1.0.0-rc22", Some(true)),
+            ("v1.0.0", Some(true)),
+            ("1.0.1", Some(true)),
+            ("v0.9.27", Some(false)),
+            ("v0.10.0-rc.30", Some(false)),
+            ("v2.0.0-beta.1", None),
+            ("dev-3f2a1c", None),
+            ("", None),
+            ("v1.0", None),
+        ] {
+            assert_eq!(refunds_lower_used_quota(version), lowers, "{version:?}");
+        }
     }
 }

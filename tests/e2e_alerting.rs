@@ -136,6 +136,9 @@ fn the_missing_quota_page_reaches_the_pager_and_every_dashboard_query_has_data()
         "20",
         "--poll-interval",
         "1s",
+        // Ledger windows that complete within the test, so that their panels have data.
+        "--ledger.window",
+        "2s",
     ]);
     exporter.wait_ready(Duration::from_secs(60));
 

@@ -34,18 +34,45 @@ fn oracle(db: &Path, flavor: Tables) -> Expected {
     } else {
         "(2, 5, 6)"
     };
+    // Kinds of consume rows as the schema reference describes them: 0 billed, 1 channel test,
+    // 2 task settlement, 3 zero usage, 4 billed with a saturated quota.
+    let other = |key: &str| {
+        if has("other") {
+            format!("COALESCE(l.other, '') LIKE '%{key}%'")
+        } else {
+            "0".to_string()
+        }
+    };
+    let test = if has("token_id") {
+        "l.token_name = '模型测试' AND l.token_id = 0"
+    } else {
+        "l.token_name = '模型测试'"
+    };
+    let kind = format!(
+        "(CASE WHEN l.type <> 2 THEN -1 WHEN {test} THEN 1 \
+          WHEN l.prompt_tokens = 0 AND l.completion_tokens = 0 AND {} THEN 2 \
+          WHEN l.prompt_tokens = 0 AND l.completion_tokens = 0 AND l.quota = 0 THEN 3 \
+          WHEN {} THEN 4 ELSE 0 END)",
+        other("pre_consumed_quota"),
+        other("quota_saturation")
+    );
     let sql = format!(
         "SELECT COALESCE(l.model_name, ''), COALESCE(CAST(l.channel_id AS TEXT), ''), {group},
                 COALESCE(c.name, ''),
-                SUM(l.type = 2),
-                SUM(CASE WHEN l.type = 2 AND l.quota > 0 THEN l.quota ELSE 0 END),
-                SUM(CASE WHEN l.type = 2 AND l.quota < 0 THEN -l.quota ELSE 0 END),
-                SUM(CASE WHEN l.type = 2 THEN l.prompt_tokens ELSE 0 END),
-                SUM(CASE WHEN l.type = 2 THEN l.completion_tokens ELSE 0 END),
-                SUM(CASE WHEN l.type = 2 THEN {use_time} ELSE 0 END),
+                SUM({kind} IN (0, 4)),
+                SUM(CASE WHEN {kind} IN (0, 2, 4) AND l.quota > 0 THEN l.quota ELSE 0 END),
+                SUM(CASE WHEN {kind} IN (0, 2, 4) AND l.quota < 0 THEN -l.quota ELSE 0 END),
+                SUM(CASE WHEN {kind} IN (0, 4) THEN l.prompt_tokens ELSE 0 END),
+                SUM(CASE WHEN {kind} IN (0, 4) THEN l.completion_tokens ELSE 0 END),
+                SUM(CASE WHEN {kind} IN (0, 4) THEN {use_time} ELSE 0 END),
                 SUM(l.type = 6),
                 SUM(CASE WHEN l.type = 6 AND l.quota > 0 THEN l.quota ELSE 0 END),
-                SUM(l.type = 5)
+                SUM(l.type = 5),
+                SUM({kind} = 1),
+                SUM(CASE WHEN {kind} = 1 AND l.quota > 0 THEN l.quota ELSE 0 END),
+                SUM({kind} = 2),
+                SUM({kind} = 3),
+                SUM({kind} = 4)
          FROM logs l LEFT JOIN channels c ON c.id = l.channel_id
          WHERE l.type IN {types}
          GROUP BY 1, 2, 3, 4"
@@ -67,7 +94,20 @@ fn oracle(db: &Path, flavor: Tables) -> Expected {
                 .or_default()
                 .insert(l.clone(), v);
         };
-        if n(4) > 0.0 {
+        if n(13) > 0.0 {
+            put("newapi_channel_test_requests_total", &l, n(13));
+            put("newapi_channel_test_quota_total", &l, n(14));
+        }
+        for (i, name) in [
+            (15, "newapi_task_settlements_total"),
+            (16, "newapi_zero_usage_requests_total"),
+            (17, "newapi_quota_saturated_requests_total"),
+        ] {
+            if n(i) > 0.0 {
+                put(name, &l, n(i));
+            }
+        }
+        if n(4) > 0.0 || n(5) > 0.0 || n(6) > 0.0 {
             put("newapi_requests_total", &l, n(4));
             put("newapi_quota_total", &l, n(5));
             put("newapi_quota_corrections_total", &l, n(6));
@@ -98,7 +138,14 @@ fn assert_matches_oracle(samples: &[Sample], db: &Path, flavor: Tables) {
         "fixture has no consume rows"
     );
     let mut names: Vec<&str> = USAGE_COUNTERS.to_vec();
-    names.push("newapi_tokens_total");
+    names.extend([
+        "newapi_tokens_total",
+        "newapi_channel_test_requests_total",
+        "newapi_channel_test_quota_total",
+        "newapi_task_settlements_total",
+        "newapi_zero_usage_requests_total",
+        "newapi_quota_saturated_requests_total",
+    ]);
     for name in names {
         let got = series(samples, name);
         let want = expected.get(name).cloned().unwrap_or_default();
@@ -168,6 +215,41 @@ fn insert_edge_rows(conn: &Connection, flavor: Tables) {
     ins(Some("gpt-4o"), Some(1), Some("default"), 6, 9_000);
     ins(Some("gpt-4o"), Some(1), Some("default"), 1, 1_000_000);
     ins(Some("gpt-4o"), Some(1), Some("default"), 3, 0);
+    if matches!(flavor, Tables::NewApiOlder | Tables::NewApiCurrent) {
+        // Consume rows that are not ordinary billed requests: a channel test, a request the
+        // upstream returned no usage for, one billed at a saturated quota, and a settlement
+        // below its pre-charge.
+        for (token_name, token_id, quota, prompt, completion, other) in [
+            ("模型测试", 0, 321, 5, 5, ""),
+            ("sk-user", 4, 0, 0, 0, ""),
+            (
+                "sk-user",
+                4,
+                2_147_483_647,
+                1,
+                1,
+                r#"{"admin_info":{"quota_saturation":true}}"#,
+            ),
+            (
+                "sk-user",
+                4,
+                -40,
+                0,
+                0,
+                r#"{"pre_consumed_quota":100,"actual_quota":60}"#,
+            ),
+            // A test row of a real token named like the test token: billed.
+            ("模型测试", 8, 70, 3, 3, ""),
+        ] {
+            conn.execute(
+                "INSERT INTO logs (user_id, created_at, type, model_name, quota, prompt_tokens,
+                   completion_tokens, use_time, channel_id, `group`, token_name, token_id, other)
+                 VALUES (1, 1767300000, 2, 'gpt-4o', ?1, ?2, ?3, 2, 2, 'vip', ?4, ?5, ?6)",
+                params![quota, prompt, completion, token_name, token_id, other],
+            )
+            .unwrap();
+        }
+    }
 }
 
 fn run_flavor(flavor: Tables) {

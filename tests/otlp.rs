@@ -210,10 +210,13 @@ pub(crate) fn check_usage_against_sql(db: &Path, received: &Received) {
     let points = latest(received);
     let conn = Connection::open(db).unwrap();
     let mut stmt = conn
-        .prepare(
-            "SELECT model_name, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(quota)
-             FROM logs WHERE type = 2 GROUP BY model_name",
-        )
+        .prepare(&format!(
+            "SELECT model_name, SUM({BILLED_REQUEST}),
+                    SUM(CASE WHEN {BILLED_REQUEST} THEN prompt_tokens ELSE 0 END),
+                    SUM(CASE WHEN {BILLED_REQUEST} THEN completion_tokens ELSE 0 END),
+                    SUM(CASE WHEN {BILLED_QUOTA} AND quota > 0 THEN quota ELSE 0 END)
+             FROM logs WHERE {BILLED_QUOTA} GROUP BY model_name"
+        ))
         .unwrap();
     let rows: Vec<(String, i64, i64, i64, i64)> = stmt
         .query_map([], |r| {

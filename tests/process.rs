@@ -44,7 +44,11 @@ fn a_restarted_exporter_reports_the_same_totals() {
     assert_eq!(a, b);
     let consume: i64 = Connection::open(&db)
         .unwrap()
-        .query_row("SELECT count(*) FROM logs WHERE type = 2", [], |r| r.get(0))
+        .query_row(
+            &format!("SELECT count(*) FROM logs WHERE {BILLED_REQUEST}"),
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     let total: f64 = a
         .iter()

@@ -137,17 +137,19 @@ fn implausible_rows_are_set_aside_and_reported_once() {
     let conn = Connection::open(&planted).unwrap();
     let oracle =
         |sql: &str| -> f64 { conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap() as f64 };
-    let sound = "type = 2 AND quota BETWEEN -2147483647 AND 2147483647 \
+    let sound = "quota BETWEEN -2147483647 AND 2147483647 \
                  AND prompt_tokens BETWEEN -2147483647 AND 2147483647 \
                  AND completion_tokens BETWEEN -2147483647 AND 2147483647";
     assert_eq!(
         sum_of(&first, "newapi_requests_total"),
-        oracle(&format!("SELECT COUNT(*) FROM logs WHERE {sound}"))
+        oracle(&format!(
+            "SELECT COUNT(*) FROM logs WHERE {BILLED_REQUEST} AND {sound}"
+        ))
     );
     assert_eq!(
         sum_of(&first, "newapi_quota_total"),
         oracle(&format!(
-            "SELECT SUM(quota) FROM logs WHERE {sound} AND quota > 0"
+            "SELECT SUM(quota) FROM logs WHERE {BILLED_QUOTA} AND {sound} AND quota > 0"
         ))
     );
     // Later polls report no row twice.

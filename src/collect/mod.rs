@@ -6,6 +6,7 @@
 //! snapshot that `/metrics` serves.
 
 pub mod channels;
+pub mod ledger;
 pub mod logs;
 pub mod options;
 pub mod plausible;
@@ -60,6 +61,13 @@ pub fn for_schema(
         src.logs().dialect(),
         &settings.labels,
     )));
+    // The one-shot commands poll once: there is no second reading to compare with.
+    if settings.fixed_range.is_none() {
+        collectors.push(Box::new(ledger::LedgerCollector::new(
+            settings.ledger_window_secs,
+            settings.refunds,
+        )));
+    }
     if has_quota_data {
         collectors.push(Box::new(RecordingHealthCollector::new(
             settings.labels.max_series,
@@ -141,6 +149,10 @@ pub struct Settings {
     /// sliding window.
     pub fixed_range: Option<(i64, i64)>,
     pub labels: LabelSettings,
+    /// The window the second-ledger comparison adds up (`--ledger.window`).
+    pub ledger_window_secs: i64,
+    /// Whether refunds lower `used_quota` (`--ledger.refunds`).
+    pub refunds: ledger::RefundRule,
 }
 
 impl Default for Settings {
@@ -151,6 +163,8 @@ impl Default for Settings {
             settle_margin_secs: 300,
             fixed_range: None,
             labels: LabelSettings::default(),
+            ledger_window_secs: HOUR,
+            refunds: ledger::RefundRule::Auto,
         }
     }
 }

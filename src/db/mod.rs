@@ -233,18 +233,34 @@ where
     let conn = tokio::time::timeout(POOL_ACQUIRE_TIMEOUT, acquire)
         .await
         .map_err(|_| {
-            anyhow::anyhow!(
+            Unreachable(format!(
                 "no connection to {describe} within {}s",
                 POOL_ACQUIRE_TIMEOUT.as_secs()
-            )
+            ))
         })?
         // sqlx's database error repeats its own text as its source: show it once.
-        .map_err(|e| anyhow::anyhow!("cannot connect to {describe}: {e}"))?;
+        .map_err(|e| Unreachable(format!("cannot connect to {describe}: {e}")))?;
     let limit = Duration::from_secs(STATEMENT_TIMEOUT_SECS + 5);
-    tokio::time::timeout(limit, call(conn))
-        .await
-        .map_err(|_| anyhow::anyhow!("{describe} did not answer within {}s", limit.as_secs()))?
+    tokio::time::timeout(limit, call(conn)).await.map_err(|_| {
+        Unreachable(format!(
+            "{describe} did not answer within {}s",
+            limit.as_secs()
+        ))
+    })?
 }
+
+/// A server that cannot be reached or stopped answering: every further statement of the same
+/// poll would wait out the same deadline, so the poll stops at the first one.
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
 
 /// A driver error with what it was doing. sqlx's database errors name their own text again as
 /// their source, so the chain would print it twice: only the error's own text is kept.
@@ -350,6 +366,11 @@ impl Sources {
             Some(db) => db.as_mut(),
             None => self.main.as_mut(),
         }
+    }
+
+    /// Whether `logs` is in the main database, so that one statement sees both consistently.
+    pub fn logs_in_main(&self) -> bool {
+        self.logs.is_none()
     }
 
     /// What is at the path of each database in a file (see [`Database::file_at_path`]).

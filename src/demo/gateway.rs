@@ -168,8 +168,7 @@ pub const CLICKHOUSE_LOGS_DDL: &str = "CREATE TABLE IF NOT EXISTS logs (id Int64
     other String DEFAULT '') ENGINE = MergeTree() PARTITION BY toYYYYMM(toDateTime(created_at)) \
     ORDER BY (created_at, request_id)";
 
-/// The token name the gateway logs channel tests under (`模型测试`, "model test").
-pub const CHANNEL_TEST_TOKEN_NAME: &str = "模型测试";
+pub use crate::schema::CHANNEL_TEST_TOKEN_NAME;
 
 pub struct Gateway {
     pub conn: Connection,
@@ -288,7 +287,9 @@ impl Gateway {
     /// user's `used_quota` and the user's `request_count`. Channel tests (token 0) are never
     /// charged; a zero-usage row charges nothing.
     pub fn charge(&self, row: &LogRow) -> Result<()> {
-        if row.token_id == 0 && row.token_name == CHANNEL_TEST_TOKEN_NAME {
+        let test = row.token_id == 0 && row.token_name == CHANNEL_TEST_TOKEN_NAME;
+        let zero_usage = row.quota == 0 && row.prompt_tokens == 0 && row.completion_tokens == 0;
+        if test || zero_usage {
             return Ok(());
         }
         self.conn.execute(

@@ -81,6 +81,48 @@ pub const ERRORS_TOTAL: MetricDef = MetricDef {
     otel_name: "newapi.errors",
     otel_unit: "{error}",
 };
+pub const CHANNEL_TEST_REQUESTS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_channel_test_requests_total",
+    help: "Channel tests the gateway logged (consume rows under the token name 模型测试, token 0): mirrored into quota_data, never charged; not in newapi_requests_total.",
+    kind: Kind::Counter,
+    otel_name: "newapi.channel_test.requests",
+    otel_unit: "{request}",
+};
+pub const CHANNEL_TEST_QUOTA_TOTAL: MetricDef = MetricDef {
+    name: "newapi_channel_test_quota_total",
+    help: "Quota the channel tests' log rows carry (never charged to anyone); not in newapi_quota_total.",
+    kind: Kind::Counter,
+    otel_name: "newapi.channel_test.quota",
+    otel_unit: "{quota}",
+};
+pub const TASK_SETTLEMENTS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_task_settlements_total",
+    help: "Async task settlement rows: their quota (the difference to the pre-charge) is in newapi_quota_total, their request was counted at submission.",
+    kind: Kind::Counter,
+    otel_name: "newapi.task.settlements",
+    otel_unit: "{settlement}",
+};
+pub const ZERO_USAGE_REQUESTS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_zero_usage_requests_total",
+    help: "Requests served with nothing billed (the upstream returned no usage: quota and tokens 0); not in newapi_requests_total.",
+    kind: Kind::Counter,
+    otel_name: "newapi.zero_usage.requests",
+    otel_unit: "{request}",
+};
+pub const QUOTA_SATURATED_REQUESTS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_quota_saturated_requests_total",
+    help: "Billed requests whose quota computation overflowed and was clamped (other.admin_info.quota_saturation): mis-billed; also in newapi_requests_total.",
+    kind: Kind::Counter,
+    otel_name: "newapi.quota_saturated.requests",
+    otel_unit: "{request}",
+};
+pub const LOGS_OLDEST_TIMESTAMP_SECONDS: MetricDef = MetricDef {
+    name: "newapi_logs_oldest_timestamp_seconds",
+    help: "created_at of the oldest row left in logs: where the gateway's log cleanup (or a ClickHouse TTL) has cut the table.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.logs.oldest",
+    otel_unit: "s",
+};
 pub const CHANNEL_STATUS: MetricDef = MetricDef {
     name: "newapi_channel_status",
     help: "Channel status: 1 enabled, 2 disabled by hand, 3 disabled automatically.",
@@ -122,6 +164,55 @@ pub const CHANNEL_RESPONSE_TIME_SECONDS: MetricDef = MetricDef {
     kind: Kind::Gauge,
     otel_name: "newapi.channel.response_time",
     otel_unit: "s",
+};
+pub const LEDGER_UNLOGGED_QUOTA: MetricDef = MetricDef {
+    name: "newapi_ledger_unlogged_quota",
+    help: "Over the last completed ledger window: quota the channel's used_quota rose by beyond what the logs billed on it (charged, not logged).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.ledger.unlogged.quota",
+    otel_unit: "{quota}",
+};
+pub const LEDGER_UNCHARGED_QUOTA: MetricDef = MetricDef {
+    name: "newapi_ledger_uncharged_quota",
+    help: "Over the last completed ledger window: quota the logs billed on the channel beyond what its used_quota rose by (logged, not charged).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.ledger.uncharged.quota",
+    otel_unit: "{quota}",
+};
+pub const LEDGER_LOGGED_QUOTA: MetricDef = MetricDef {
+    name: "newapi_ledger_logged_quota",
+    help: "Over the last completed ledger window: quota the logs billed on the channel (what the unlogged and uncharged gauges are relative to).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.ledger.logged.quota",
+    otel_unit: "{quota}",
+};
+pub const LEDGER_USERS_UNLOGGED_QUOTA: MetricDef = MetricDef {
+    name: "newapi_ledger_users_unlogged_quota",
+    help: "Over the last completed ledger window: quota the users' used_quota sum rose by beyond what the logs billed.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.ledger.users.unlogged.quota",
+    otel_unit: "{quota}",
+};
+pub const LEDGER_USERS_UNCHARGED_QUOTA: MetricDef = MetricDef {
+    name: "newapi_ledger_users_uncharged_quota",
+    help: "Over the last completed ledger window: quota the logs billed beyond what the users' used_quota sum rose by.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.ledger.users.uncharged.quota",
+    otel_unit: "{quota}",
+};
+pub const LEDGER_WINDOW_END_TIMESTAMP_SECONDS: MetricDef = MetricDef {
+    name: "newapi_ledger_window_end_timestamp_seconds",
+    help: "End of the ledger window the newapi_ledger_* gauges describe.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.ledger.window_end",
+    otel_unit: "s",
+};
+pub const LEDGER_REFUNDS_LOWER_USED_QUOTA: MetricDef = MetricDef {
+    name: "newapi_ledger_refunds_lower_used_quota",
+    help: "1 when the ledger comparison takes refunds as lowering used_quota (gateways from v1.0.0-rc.22 on, or --ledger.refunds=lower), 0 otherwise.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.ledger.refunds_lower_used_quota",
+    otel_unit: "1",
 };
 pub const QUOTA_PER_UNIT: MetricDef = MetricDef {
     name: "newapi_quota_per_unit",
@@ -360,11 +451,24 @@ pub const ALL: &[MetricDef] = &[
     REFUNDS_TOTAL,
     REFUND_QUOTA_TOTAL,
     ERRORS_TOTAL,
+    CHANNEL_TEST_REQUESTS_TOTAL,
+    CHANNEL_TEST_QUOTA_TOTAL,
+    TASK_SETTLEMENTS_TOTAL,
+    ZERO_USAGE_REQUESTS_TOTAL,
+    QUOTA_SATURATED_REQUESTS_TOTAL,
+    LOGS_OLDEST_TIMESTAMP_SECONDS,
     CHANNEL_STATUS,
     CHANNEL_BALANCE_USD,
     CHANNEL_USED_QUOTA,
     USERS_USED_QUOTA,
     USERS_REQUESTS,
+    LEDGER_UNLOGGED_QUOTA,
+    LEDGER_UNCHARGED_QUOTA,
+    LEDGER_LOGGED_QUOTA,
+    LEDGER_USERS_UNLOGGED_QUOTA,
+    LEDGER_USERS_UNCHARGED_QUOTA,
+    LEDGER_WINDOW_END_TIMESTAMP_SECONDS,
+    LEDGER_REFUNDS_LOWER_USED_QUOTA,
     CHANNEL_RESPONSE_TIME_SECONDS,
     QUOTA_PER_UNIT,
     LOG_CONSUME_ENABLED,

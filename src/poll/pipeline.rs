@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Result;
 
 use crate::collect::{self, Collector, Context, Settings};
-use crate::db::Sources;
+use crate::db::{Sources, Unreachable};
 use crate::schema::Schema;
 
 /// How one collector's run in the last poll went.
@@ -50,8 +50,22 @@ impl Pipeline {
         self.ctx.now = now;
         self.ctx.failed.clear();
         self.runs.clear();
-        let mut first_err = None;
+        let mut first_err: Option<anyhow::Error> = None;
         for c in &mut self.collectors {
+            // Once a server is unreachable, the remaining collectors would each wait out the
+            // same deadline: they count as failed without trying.
+            let unreachable = first_err
+                .as_ref()
+                .is_some_and(|e| e.chain().any(|c| c.is::<Unreachable>()));
+            if unreachable {
+                self.runs.push(CollectorRun {
+                    collector: c.name(),
+                    success: false,
+                    seconds: 0.0,
+                });
+                self.ctx.failed.insert(c.name());
+                continue;
+            }
             let started = Instant::now();
             let result = c.poll(src, &mut self.ctx);
             let took = started.elapsed();

@@ -364,3 +364,27 @@ pub fn dashboards() -> Vec<(String, serde_json::Value)> {
     );
     out
 }
+
+/// Consume rows that are billed requests, written from the schema reference for the oracles
+/// (logs with new-api's full columns): not channel tests (token name 模型测试, token 0), not task
+/// settlement rows (zero tokens, `pre_consumed_quota` in `other`), not zero-usage rows.
+pub const BILLED_REQUEST: &str = "type = 2 AND NOT (token_name = '模型测试' AND token_id = 0) \
+     AND NOT (prompt_tokens = 0 AND completion_tokens = 0 \
+     AND (quota = 0 OR COALESCE(other, '') LIKE '%pre_consumed_quota%'))";
+
+/// Consume rows whose quota counts in `newapi_quota_total`: billed requests and settlements.
+pub const BILLED_QUOTA: &str = "type = 2 AND NOT (token_name = '模型测试' AND token_id = 0) \
+     AND NOT (prompt_tokens = 0 AND completion_tokens = 0 AND quota = 0 \
+     AND COALESCE(other, '') NOT LIKE '%pre_consumed_quota%')";
+
+/// Renders a pipeline's collectors the way a scrape does.
+pub fn scrape_pipeline(p: &newapi_exporter::poll::Pipeline) -> Vec<Sample> {
+    let mut families = Vec::new();
+    for c in &p.collectors {
+        c.render(&p.ctx, &mut families);
+    }
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&families)
+        .unwrap();
+    parse_metrics(&text)
+}

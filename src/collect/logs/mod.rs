@@ -48,6 +48,11 @@ pub struct Usage {
     pub refunds: u64,
     pub refund_quota: u64,
     pub errors: u64,
+    pub channel_tests: u64,
+    pub channel_test_quota: u64,
+    pub settlements: u64,
+    pub zero_usage: u64,
+    pub saturated: u64,
 }
 
 impl Usage {
@@ -61,6 +66,11 @@ impl Usage {
         self.refunds = self.refunds.saturating_add(o.refunds);
         self.refund_quota = self.refund_quota.saturating_add(o.refund_quota);
         self.errors = self.errors.saturating_add(o.errors);
+        self.channel_tests = self.channel_tests.saturating_add(o.channel_tests);
+        self.channel_test_quota = self.channel_test_quota.saturating_add(o.channel_test_quota);
+        self.settlements = self.settlements.saturating_add(o.settlements);
+        self.zero_usage = self.zero_usage.saturating_add(o.zero_usage);
+        self.saturated = self.saturated.saturating_add(o.saturated);
     }
 }
 
@@ -113,6 +123,10 @@ pub struct LogsCollector {
     next_time_sql: String,
     /// Row count, oldest and newest `created_at` in a range.
     time_stats_sql: String,
+    /// The time of the oldest row still in the table (an index read).
+    oldest_sql: String,
+    /// What it returned at the last poll; `None` for an empty table.
+    oldest: Option<i64>,
 }
 
 /// Columns of the aggregate statement, in order.
@@ -139,8 +153,40 @@ const C_TOKEN: usize = 17;
 const C_PAIR_USERNAME: usize = 18;
 /// Why the group's rows are set aside (0: plausible rows; see `plausible`).
 const C_FLAG: usize = 19;
+/// What kind of consume row the group holds (see [`RowKind`]).
+const C_KIND: usize = 20;
 /// The username, selected and grouped by only with `--labels.user`.
-const C_USERNAME: usize = 20;
+const C_USERNAME: usize = 21;
+
+/// Consume rows that are not ordinary billed requests, told apart in SQL (first match wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowKind {
+    /// An ordinary billed request.
+    Billed = 0,
+    /// A channel test: mirrored into quota_data, never charged.
+    ChannelTest = 1,
+    /// An async task's settlement row: quota charged (or given back) for a request already
+    /// counted.
+    Settlement = 2,
+    /// The upstream returned no usage: served, nothing billed.
+    ZeroUsage = 3,
+    /// Billed at a clamped amount: the quota computation overflowed (`quota_saturation`).
+    Saturated = 4,
+}
+
+impl RowKind {
+    fn of(code: i64) -> RowKind {
+        [
+            RowKind::ChannelTest,
+            RowKind::Settlement,
+            RowKind::ZeroUsage,
+            RowKind::Saturated,
+        ]
+        .into_iter()
+        .find(|k| *k as i64 == code)
+        .unwrap_or(RowKind::Billed)
+    }
+}
 
 impl LogsCollector {
     pub fn new(schema: &Schema, dialect: Dialect, labels: &LabelSettings) -> Self {
@@ -228,6 +274,24 @@ impl LogsCollector {
             in_range_column("username", d.text_key(&d.ident("username"))),
             flag,
         ];
+        let other = cols.has("other").then(|| d.ident("other"));
+        let other_has = |key: &str| match &other {
+            Some(o) => format!("{o} LIKE '%{key}%'"),
+            None => "1 = 0".to_string(),
+        };
+        let no_tokens = format!("{prompt} = 0 AND {completion} = 0");
+        exprs.push(format!(
+            "CASE WHEN {ty} <> {LOG_TYPE_CONSUME} THEN 0 WHEN {} THEN {} \
+             WHEN {no_tokens} AND {} THEN {} WHEN {no_tokens} AND {quota} = 0 THEN {} \
+             WHEN {} THEN {} ELSE 0 END",
+            schema.channel_test_sql(d),
+            RowKind::ChannelTest as i64,
+            other_has("pre_consumed_quota"),
+            RowKind::Settlement as i64,
+            RowKind::ZeroUsage as i64,
+            other_has("quota_saturation"),
+            RowKind::Saturated as i64,
+        ));
         if labels.user {
             exprs.push(d.text_key(&cols.or(d, "username", "NULL")));
         }
@@ -239,6 +303,7 @@ impl LogsCollector {
             grouped.extend([C_TOKEN + 1, C_PAIR_USERNAME + 1]);
         }
         grouped.push(C_FLAG + 1);
+        grouped.push(C_KIND + 1);
         if labels.user {
             grouped.push(C_USERNAME + 1);
         }
@@ -283,6 +348,17 @@ impl LogsCollector {
                 "SELECT {created} FROM logs WHERE {created} >= ? AND {created} < ? \
                  ORDER BY {created} LIMIT 1"
             ),
+            // The first row by primary key (by time on ClickHouse, whose table is sorted so):
+            // where the gateway's log cleanup, or a TTL, has cut the table.
+            oldest_sql: if dialect.0 == Engine::Clickhouse {
+                format!("SELECT {created} FROM logs ORDER BY {created} LIMIT 1")
+            } else {
+                format!(
+                    "SELECT {created} FROM logs ORDER BY {} LIMIT 1",
+                    d.ident("id")
+                )
+            },
+            oldest: None,
             created,
         }
     }
@@ -444,14 +520,30 @@ impl LogsCollector {
         let key = self.series_key(model, label(C_CHANNEL), label(C_GROUP), label(C_USERNAME));
         let u = self.usage.entry(key).or_default();
         match ty {
-            LOG_TYPE_CONSUME => {
-                u.requests = u.requests.saturating_add(rows);
-                u.quota = u.quota.saturating_add(uint(C_QUOTA_POS));
-                u.corrections = u.corrections.saturating_add(uint(C_QUOTA_NEG));
-                u.prompt_tokens = u.prompt_tokens.saturating_add(uint(C_PROMPT));
-                u.completion_tokens = u.completion_tokens.saturating_add(uint(C_COMPLETION));
-                u.use_time_seconds = u.use_time_seconds.saturating_add(uint(C_USE_TIME));
-            }
+            LOG_TYPE_CONSUME => match RowKind::of(int(C_KIND)) {
+                RowKind::ChannelTest => {
+                    u.channel_tests = u.channel_tests.saturating_add(rows);
+                    u.channel_test_quota = u.channel_test_quota.saturating_add(uint(C_QUOTA_POS));
+                }
+                RowKind::ZeroUsage => u.zero_usage = u.zero_usage.saturating_add(rows),
+                // Quota charged (or given back) for a request counted at its submission.
+                RowKind::Settlement => {
+                    u.settlements = u.settlements.saturating_add(rows);
+                    u.quota = u.quota.saturating_add(uint(C_QUOTA_POS));
+                    u.corrections = u.corrections.saturating_add(uint(C_QUOTA_NEG));
+                }
+                kind @ (RowKind::Billed | RowKind::Saturated) => {
+                    if kind == RowKind::Saturated {
+                        u.saturated = u.saturated.saturating_add(rows);
+                    }
+                    u.requests = u.requests.saturating_add(rows);
+                    u.quota = u.quota.saturating_add(uint(C_QUOTA_POS));
+                    u.corrections = u.corrections.saturating_add(uint(C_QUOTA_NEG));
+                    u.prompt_tokens = u.prompt_tokens.saturating_add(uint(C_PROMPT));
+                    u.completion_tokens = u.completion_tokens.saturating_add(uint(C_COMPLETION));
+                    u.use_time_seconds = u.use_time_seconds.saturating_add(uint(C_USE_TIME));
+                }
+            },
             LOG_TYPE_ERROR => u.errors = u.errors.saturating_add(rows),
             _ => {
                 u.refunds = u.refunds.saturating_add(rows);
@@ -473,6 +565,7 @@ impl Collector for LogsCollector {
 
     fn poll(&mut self, src: &mut Sources, ctx: &mut Context) -> Result<()> {
         let db = src.logs();
+        self.oldest = first_int(&db.query(&self.oldest_sql, &[])?);
         if self.read_by_time {
             self.poll_by_time(db, ctx)?;
             ctx.folded.insert("usage", self.admission.folded());
@@ -543,6 +636,11 @@ impl Collector for LogsCollector {
         let mut refunds = Family::of(&m::REFUNDS_TOTAL);
         let mut refund_quota = Family::of(&m::REFUND_QUOTA_TOTAL);
         let mut errors = Family::of(&m::ERRORS_TOTAL);
+        let mut channel_tests = Family::of(&m::CHANNEL_TEST_REQUESTS_TOTAL);
+        let mut channel_test_quota = Family::of(&m::CHANNEL_TEST_QUOTA_TOTAL);
+        let mut settlements = Family::of(&m::TASK_SETTLEMENTS_TOTAL);
+        let mut zero_usage = Family::of(&m::ZERO_USAGE_REQUESTS_TOTAL);
+        let mut saturated = Family::of(&m::QUOTA_SATURATED_REQUESTS_TOTAL);
         // Rows read by time: settled counts plus what the open hours hold now.
         let mut all = self.usage.clone();
         for (key, usage) in &self.by_time.open {
@@ -575,7 +673,21 @@ impl Collector for LogsCollector {
                     }
                 })
                 .collect();
-            if u.requests > 0 {
+            if u.channel_tests > 0 {
+                channel_tests.sample(&l, u.channel_tests as f64);
+                channel_test_quota.sample(&l, u.channel_test_quota as f64);
+            }
+            if u.settlements > 0 {
+                settlements.sample(&l, u.settlements as f64);
+            }
+            if u.zero_usage > 0 {
+                zero_usage.sample(&l, u.zero_usage as f64);
+            }
+            if u.saturated > 0 {
+                saturated.sample(&l, u.saturated as f64);
+            }
+            // Settlement quota of a series with no billed request yet still shows.
+            if u.requests > 0 || u.quota > 0 || u.corrections > 0 {
                 requests.sample(&l, u.requests as f64);
                 quota.sample(&l, u.quota as f64);
                 corrections.sample(&l, u.corrections as f64);
@@ -608,8 +720,18 @@ impl Collector for LogsCollector {
             refunds,
             refund_quota,
             errors,
+            channel_tests,
+            channel_test_quota,
+            settlements,
+            zero_usage,
+            saturated,
         ] {
             f.finish(out);
         }
+        let mut oldest = Family::of(&m::LOGS_OLDEST_TIMESTAMP_SECONDS);
+        if let Some(t) = self.oldest {
+            oldest.sample(&[], t as f64);
+        }
+        oldest.finish(out);
     }
 }
