@@ -108,8 +108,17 @@ impl Admission {
         }
     }
 
+    /// Whether every key is admitted (no `--series.max-per-metric`): callers may skip building
+    /// the key.
+    pub fn unbounded(&self) -> bool {
+        self.max.is_none()
+    }
+
     /// True when `key` has its own series.
     pub fn admit(&mut self, key: &str) -> bool {
+        if self.max.is_none() {
+            return true;
+        }
         if self.kept.contains(key) {
             return true;
         }

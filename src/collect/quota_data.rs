@@ -124,6 +124,16 @@ impl QuotaDataCollector {
             sound(&amounts[2]),
             d.sum_int(&format!("CASE WHEN {ok} THEN 0 ELSE 1 END")),
         );
+        // The same per row: the live read takes every row as it is and adds up rows of one key
+        // (duplicates) itself, which spares the database a sort of every row by eight columns.
+        let sound_row = |expr: &str| format!("CASE WHEN {ok} THEN {expr} ELSE 0 END");
+        let row_sums = format!(
+            "{}, {}, {}, {}, CASE WHEN {ok} THEN 0 ELSE 1 END",
+            sound_row("1"),
+            sound_row(&amounts[0]),
+            sound_row(&amounts[1]),
+            sound_row(&amounts[2]),
+        );
         let flag = Limits::flag_sql(&created, &amounts);
         QuotaDataCollector {
             // Parameters: plausibility limits, id range, frozen boundary.
@@ -151,8 +161,7 @@ impl QuotaDataCollector {
             live_sql: if per_channel {
                 format!(
                     "SELECT {created}, {user}, {username}, {model}, {group}, {token}, {channel}, \
-                     {node}, {sums} FROM quota_data WHERE {created} >= ? AND {created} < ? \
-                     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
+                     {node}, {row_sums} FROM quota_data WHERE {created} >= ? AND {created} < ?",
                     user = d.ident("user_id"),
                     username = d.text_key(&d.ident("username")),
                     group = d.text_key(&d.ident("use_group")),
@@ -162,8 +171,8 @@ impl QuotaDataCollector {
                 )
             } else {
                 format!(
-                    "SELECT {created}, {user}, {username}, {model}, '', 0, 0, '', {sums} \
-                     FROM quota_data WHERE {created} >= ? AND {created} < ? GROUP BY 1, 2, 3, 4",
+                    "SELECT {created}, {user}, {username}, {model}, '', 0, 0, '', {row_sums} \
+                     FROM quota_data WHERE {created} >= ? AND {created} < ?",
                     user = d.ident("user_id"),
                     username = d.text_key(&d.ident("username")),
                 )

@@ -358,7 +358,7 @@ fn a_failed_read_never_publishes_half_read_gauges() {
             // quota_data's re-read of recent hours, after its other statements succeeded.
             let failing = FailingTable {
                 inner,
-                needle: "GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
+                needle: "`channel_id`, `node_name`, CASE WHEN",
                 fail: fail.clone(),
             };
             Ok(Sources::new(Box::new(failing), None))

@@ -389,6 +389,9 @@ impl LogsCollector {
                 String::new()
             },
         };
+        if self.admission.unbounded() {
+            return key;
+        }
         let id = format!(
             "{}\u{1f}{}\u{1f}{}\u{1f}{}",
             key.model, key.channel_id, key.group, key.user
