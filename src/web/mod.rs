@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod config;
 mod landing;
+pub mod runbook;
 pub mod server;
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ pub fn router(shared: Arc<Shared>, telemetry_path: &str) -> Router {
             "/",
             get(move |s: State<Arc<Shared>>| landing(s, metrics_path.clone())),
         )
+        .route("/runbook", get(runbook::runbook))
         .route("/-/healthy", get(|| async { "OK\n" }))
         .route("/-/ready", get(ready))
         .fallback(move |s: State<Arc<Shared>>, method: Method, uri: Uri| {
