@@ -306,7 +306,7 @@ fn http_protobuf_export_matches_sql_and_carries_the_resource() {
     assert_eq!(r["team"], "llm-platform");
     // Every counter the Prometheus side serves has its OTLP twin.
     let names: std::collections::BTreeSet<String> =
-        latest(&received).keys().map(|(n, _)| n.clone()).collect();
+        exported_metrics(&received).into_keys().collect();
     for def in newapi_exporter::metrics::ALL {
         let scraped = exp.scrape().iter().any(|s| s.name.starts_with(def.name));
         if scraped {
@@ -413,4 +413,220 @@ fn bad_otlp_settings_are_named() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{err}");
+}
+
+/// Prometheus' translation of an OTLP metric name (its OTLP receiver and remote-write
+/// translator, with the default suffixes): characters outside `[a-zA-Z0-9_:]` become `_`; the
+/// unit, without `{...}` annotations, becomes a suffix (UCUM `s` → `seconds`, `ms` →
+/// `milliseconds`, `By` → `bytes`, `1` → `ratio` on gauges, `a/b` → `a_per_b`) unless the name
+/// already ends with it; monotonic sums end in `_total`; histograms keep the base name.
+fn prometheus_name(otel: &str, unit: &str, kind: &str) -> String {
+    let word = |u: &str| -> String {
+        match u {
+            "s" => "seconds",
+            "ms" => "milliseconds",
+            "min" => "minutes",
+            "h" => "hours",
+            "By" => "bytes",
+            "KiBy" => "kibibytes",
+            "%" => "percent",
+            other => other,
+        }
+        .to_string()
+    };
+    let mut name: String = otel
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    while name.contains("__") {
+        name = name.replace("__", "_");
+    }
+    // Annotations carry no unit.
+    let mut bare = String::new();
+    let mut depth = 0;
+    for c in unit.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            _ if depth == 0 => bare.push(c),
+            _ => {}
+        }
+    }
+    let suffix = match bare.split_once('/') {
+        _ if bare == "1" => (kind == "gauge").then(|| "ratio".to_string()),
+        Some((a, b)) if !b.is_empty() => Some(if a.is_empty() {
+            format!("per_{}", word(b))
+        } else {
+            format!("{}_per_{}", word(a), word(b))
+        }),
+        _ if bare.is_empty() => None,
+        _ => Some(word(&bare)),
+    };
+    if let Some(suffix) = suffix
+        && !name.ends_with(&format!("_{suffix}"))
+    {
+        name = format!("{name}_{suffix}");
+    }
+    if kind == "counter" && !name.ends_with("_total") {
+        name.push_str("_total");
+    }
+    name
+}
+
+/// (name, unit, kind) of every metric in the exports; the temporality of each sum and
+/// histogram.
+fn exported_metrics(received: &Received) -> BTreeMap<String, (String, String, i32)> {
+    let mut out = BTreeMap::new();
+    for req in received.lock().unwrap().iter() {
+        for rm in &req.resource_metrics {
+            for sm in &rm.scope_metrics {
+                for m in &sm.metrics {
+                    let (kind, temporality) = match &m.data {
+                        Some(metric::Data::Sum(s)) if s.is_monotonic => {
+                            ("counter", s.aggregation_temporality)
+                        }
+                        Some(metric::Data::Sum(s)) => ("updown", s.aggregation_temporality),
+                        Some(metric::Data::Gauge(_)) => ("gauge", 0),
+                        Some(metric::Data::Histogram(h)) => {
+                            ("histogram", h.aggregation_temporality)
+                        }
+                        other => panic!("{}: unexpected data {other:?}", m.name),
+                    };
+                    out.insert(
+                        m.name.clone(),
+                        (m.unit.clone(), kind.to_string(), temporality),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What Prometheus makes of the OTLP stream is what /metrics serves, name for name; the
+/// resource names the service's version and this instance; the poll time is a histogram.
+#[test]
+fn prometheus_translation_of_the_otlp_stream_gives_the_same_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fixture(dir.path());
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (_rt, received) = http_receiver(port);
+    let exp = Running::start_with_env(
+        &[
+            "--sqlite-path",
+            db.to_str().unwrap(),
+            "--poll-interval",
+            "200ms",
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{port}")),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+        ],
+    );
+    exp.wait_ready(Duration::from_secs(30));
+    wait_for("an export with the poll histogram", || {
+        exported_metrics(&received).contains_key("newapi.exporter.poll.duration")
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let exported = exported_metrics(&received);
+    let translated: std::collections::BTreeSet<String> = exported
+        .iter()
+        .map(|(name, (unit, kind, _))| prometheus_name(name, unit, kind))
+        .collect();
+    let scraped: std::collections::BTreeSet<String> = exp
+        .scrape()
+        .iter()
+        .filter(|s| s.name.starts_with("newapi_"))
+        .map(|s| {
+            // A histogram's series share its base name.
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|x| s.name.strip_suffix(x))
+                .filter(|b| b.ends_with("_seconds"));
+            base.unwrap_or(&s.name).to_string()
+        })
+        .collect();
+    assert_eq!(translated, scraped);
+    // The same for every definition, including the series this fixture has none of.
+    for def in newapi_exporter::metrics::ALL {
+        let kind = match def.kind {
+            newapi_exporter::metrics::Kind::Counter => "counter",
+            newapi_exporter::metrics::Kind::Gauge => "gauge",
+            newapi_exporter::metrics::Kind::Histogram => "histogram",
+        };
+        assert_eq!(
+            prometheus_name(def.otel_name, def.otel_unit, kind),
+            def.name
+        );
+    }
+    let (_, kind, temporality) = &exported["newapi.exporter.poll.duration"];
+    assert_eq!(kind, "histogram");
+    // Cumulative unless asked otherwise (OTLP's AGGREGATION_TEMPORALITY_CUMULATIVE is 2).
+    assert_eq!(*temporality, 2);
+    assert!(
+        exported
+            .values()
+            .all(|(unit, _, _)| !unit.is_empty() && !unit.contains("USD") || unit.contains('{')),
+        "units are UCUM (money as an annotation): {exported:?}"
+    );
+    let r = resource_attrs(&received);
+    assert_eq!(r["service.version"], env!("CARGO_PKG_VERSION"));
+    let host = newapi_exporter::export::otlp::host_name();
+    assert_eq!(
+        r["service.instance.id"],
+        format!("{host}:{}", exp.addr.rsplit(':').next().unwrap())
+    );
+}
+
+/// `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE` is honoured; a value it does not take is
+/// named.
+#[test]
+fn the_temporality_preference_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fixture(dir.path());
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (_rt, received) = http_receiver(port);
+    let exp = Running::start_with_env(
+        &["--sqlite-path", db.to_str().unwrap()],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{port}")),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+            ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "Delta"),
+        ],
+    );
+    exp.wait_ready(Duration::from_secs(30));
+    wait_for("an export with usage", || {
+        exported_metrics(&received).contains_key("newapi.requests")
+    });
+    // AGGREGATION_TEMPORALITY_DELTA is 1.
+    assert_eq!(exported_metrics(&received)["newapi.requests"].2, 1);
+    drop(exp);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
+        .args(["--sqlite-path", db.to_str().unwrap()])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{port}"))
+        .env(
+            "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+            "sometimes",
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=\"sometimes\""),
+        "{said}"
+    );
 }

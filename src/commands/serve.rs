@@ -86,14 +86,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
 /// Serves metrics until SIGINT or SIGTERM, then stops the poll thread and sets `stop`.
 async fn serve(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Result<()> {
     let shared = Arc::new(Shared::default());
-    let otlp = match otlp::settings(web.otlp_endpoint.as_deref())? {
-        Some(s) => Some(Otlp::start(
-            &s,
-            shared.clone(),
-            poller.otlp_error_counter(),
-        )?),
-        None => None,
-    };
+    let otlp_settings = otlp::settings(web.otlp_endpoint.as_deref())?;
     let mut listeners = Vec::new();
     for addr in &web.listen_address {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -101,6 +94,20 @@ async fn serve(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Resu
             .with_context(|| format!("cannot listen on {addr} (--web.listen-address)"))?;
         listeners.push(listener);
     }
+    let otlp = match otlp_settings {
+        Some(s) => {
+            // This exporter's identity: its host and the port it serves on (the first).
+            let port = listeners
+                .first()
+                .and_then(|l| l.local_addr().ok())
+                .map_or(0, |a| a.port());
+            let instance = format!("{}:{port}", otlp::host_name());
+            let o = Otlp::start(&s, shared.clone(), poller.otlp_error_counter(), &instance)?;
+            poller.on_poll_duration(o.poll_duration_recorder());
+            Some(o)
+        }
+        None => None,
+    };
     let interval = web.poll_interval;
     let poll_shared = shared.clone();
     let poll_thread = std::thread::Builder::new()

@@ -2,8 +2,13 @@
 //!
 //! One observable instrument per metric definition ([`crate::metrics::ALL`]); each callback
 //! reads the snapshot that `/metrics` serves, so both outputs always show the same state. The
-//! SDK's periodic reader exports from a thread of its own: a collector that is down or slow
-//! delays nothing else, and cumulative observable instruments keep no history in memory.
+//! poll-time histogram is a histogram here too, recorded as each poll ends (OpenTelemetry has
+//! no asynchronous histogram). The SDK's periodic reader exports from a thread of its own: a
+//! collector that is down or slow delays nothing else.
+//!
+//! Names and units are chosen so that Prometheus' translation of OTLP metrics (dots to
+//! underscores, the unit's suffix, `_total` on monotonic sums; `{...}` annotations add
+//! nothing) gives back exactly the names `/metrics` serves.
 //!
 //! Configuration follows the OpenTelemetry environment variables; `--otlp.endpoint` acts like
 //! `OTEL_EXPORTER_OTLP_ENDPOINT`. Nothing is exported when no endpoint is set.
@@ -25,6 +30,7 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use prometheus::proto::{LabelPair, Metric, MetricFamily};
 
 use crate::metrics::{self, Kind, MetricDef};
+use crate::poll::POLL_DURATION_BUCKETS;
 use crate::snapshot::{Shared, Snapshot};
 
 const DEFAULT_SERVICE_NAME: &str = "newapi-exporter";
@@ -43,7 +49,11 @@ pub struct Settings {
     pub protocol: Protocol,
     /// For messages: where the data goes.
     pub target: String,
+    /// `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE` (cumulative by default).
+    pub temporality: Temporality,
 }
+
+const TEMPORALITY_VAR: &str = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
@@ -87,10 +97,21 @@ pub fn settings(flag: Option<&str>) -> Result<Option<Settings>> {
             bail!("OTLP endpoint {url:?} must be an http:// or https:// URL");
         }
     }
+    // The values the specification names, case-insensitively.
+    let temporality = match env(TEMPORALITY_VAR).map(|v| v.trim().to_ascii_lowercase()) {
+        None => Temporality::Cumulative,
+        Some(v) if v == "cumulative" => Temporality::Cumulative,
+        Some(v) if v == "delta" => Temporality::Delta,
+        Some(v) if v == "lowmemory" => Temporality::LowMemory,
+        Some(v) => {
+            bail!("{TEMPORALITY_VAR}={v:?} is not supported: use cumulative, delta or lowmemory")
+        }
+    };
     Ok(Some(Settings {
         endpoint,
         protocol,
         target,
+        temporality,
     }))
 }
 
@@ -219,39 +240,73 @@ impl PushMetricExporter for CountingExporter {
     }
 }
 
-/// The resource: the SDK reads `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME`; the service
-/// is called newapi-exporter unless they say otherwise.
-fn resource() -> Resource {
-    let named = env("OTEL_SERVICE_NAME").is_some()
-        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| {
-            a.split(',')
-                .any(|kv| kv.trim_start().starts_with("service.name="))
-        });
-    let builder = Resource::builder();
-    if named {
-        builder.build()
+/// Whether `OTEL_RESOURCE_ATTRIBUTES` sets `key`.
+fn resource_attribute_set(key: &str) -> bool {
+    env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| {
+        a.split(',')
+            .any(|kv| kv.trim_start().starts_with(&format!("{key}=")))
+    })
+}
+
+/// The resource: the SDK reads `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME`; unless they
+/// say otherwise the service is newapi-exporter, its version this build's, and its instance
+/// `instance` (host and port: two exporters pushing to one collector stay apart, and one
+/// keeps its identity across restarts).
+fn resource(instance: &str) -> Resource {
+    let named = env("OTEL_SERVICE_NAME").is_some() || resource_attribute_set("service.name");
+    let mut builder = Resource::builder();
+    if !named {
+        builder = builder.with_service_name(DEFAULT_SERVICE_NAME);
+    }
+    if !resource_attribute_set("service.version") {
+        builder =
+            builder.with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+    }
+    if !resource_attribute_set("service.instance.id") {
+        builder =
+            builder.with_attribute(KeyValue::new("service.instance.id", instance.to_string()));
+    }
+    builder.build()
+}
+
+/// This host's name, for the instance id.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
     } else {
-        builder.with_service_name(DEFAULT_SERVICE_NAME).build()
+        String::new()
+    };
+    if name.is_empty() {
+        "localhost".to_string()
+    } else {
+        name
     }
 }
 
 /// A running OTLP export; dropping it stops the exports.
 pub struct Otlp {
     provider: SdkMeterProvider,
+    poll_duration: Option<opentelemetry::metrics::Histogram<f64>>,
 }
 
 impl Otlp {
     /// Starts exporting. Must run inside the tokio runtime (the gRPC client lives there).
+    /// `instance` identifies this exporter (`service.instance.id`).
     pub fn start(
         settings: &Settings,
         shared: Arc<Shared>,
         errors: prometheus::IntCounter,
+        instance: &str,
     ) -> Result<Otlp> {
         let exporter = match settings.protocol {
             Protocol::HttpProtobuf => {
                 let b = MetricExporter::builder()
                     .with_http()
-                    .with_temporality(Temporality::Cumulative);
+                    .with_temporality(settings.temporality);
                 match &settings.endpoint {
                     Some(e) => b.with_endpoint(e.clone()).build(),
                     None => b.build(),
@@ -260,7 +315,7 @@ impl Otlp {
             Protocol::Grpc => {
                 let b = MetricExporter::builder()
                     .with_tonic()
-                    .with_temporality(Temporality::Cumulative);
+                    .with_temporality(settings.temporality);
                 match &settings.endpoint {
                     Some(e) => b.with_endpoint(e.clone()).build(),
                     None => b.build(),
@@ -277,15 +332,28 @@ impl Otlp {
         .build();
         let provider = SdkMeterProvider::builder()
             .with_reader(reader)
-            .with_resource(resource())
+            .with_resource(resource(instance))
             .build();
-        register_instruments(&provider, shared);
+        let poll_duration = register_instruments(&provider, shared);
         tracing::info!(
             "exporting metrics over OTLP ({:?}) to {}",
             settings.protocol,
             settings.target
         );
-        Ok(Otlp { provider })
+        Ok(Otlp {
+            provider,
+            poll_duration,
+        })
+    }
+
+    /// Records one poll's duration into the OTLP histogram (called as each poll ends).
+    pub fn poll_duration_recorder(&self) -> Box<dyn Fn(f64) + Send> {
+        let h = self.poll_duration.clone();
+        Box::new(move |secs| {
+            if let Some(h) = &h {
+                h.record(secs, &[]);
+            }
+        })
     }
 
     /// Stops exporting without waiting on a collector that does not answer.
@@ -311,8 +379,14 @@ fn observe(
     }
 }
 
-fn register_instruments(provider: &SdkMeterProvider, shared: Arc<Shared>) {
+/// Registers one instrument per metric; returns the poll-time histogram, which is recorded
+/// rather than observed.
+fn register_instruments(
+    provider: &SdkMeterProvider,
+    shared: Arc<Shared>,
+) -> Option<opentelemetry::metrics::Histogram<f64>> {
     let meter = provider.meter("newapi-exporter");
+    let mut histogram = None;
     for def in metrics::ALL {
         let def: &'static MetricDef = def;
         let shared = shared.clone();
@@ -333,33 +407,17 @@ fn register_instruments(provider: &SdkMeterProvider, shared: Arc<Shared>) {
                     .with_callback(observe(shared, def, |m| m.get_gauge().get_value()))
                     .build();
             }
-            // OpenTelemetry has no asynchronous histogram: the poll-time histogram goes out as
-            // its total time and its count.
             Kind::Histogram => {
-                let count_shared = shared.clone();
-                meter
-                    .f64_observable_counter(def.otel_name)
-                    .with_description(def.help)
-                    .with_unit(def.otel_unit)
-                    .with_callback(move |o| {
-                        let snap = shared.snapshot();
-                        for m in family(&snap, def).into_iter().flat_map(|f| f.get_metric()) {
-                            o.observe(m.get_histogram().get_sample_sum(), &[]);
-                        }
-                    })
-                    .build();
-                meter
-                    .u64_observable_counter(format!("{}.count", def.otel_name))
-                    .with_description(def.help)
-                    .with_unit("{poll}")
-                    .with_callback(move |o| {
-                        let snap = count_shared.snapshot();
-                        for m in family(&snap, def).into_iter().flat_map(|f| f.get_metric()) {
-                            o.observe(m.get_histogram().get_sample_count(), &[]);
-                        }
-                    })
-                    .build();
+                histogram = Some(
+                    meter
+                        .f64_histogram(def.otel_name)
+                        .with_description(def.help)
+                        .with_unit(def.otel_unit)
+                        .with_boundaries(POLL_DURATION_BUCKETS.to_vec())
+                        .build(),
+                );
             }
         }
     }
+    histogram
 }

@@ -120,7 +120,7 @@ pub const LOGS_OLDEST_TIMESTAMP_SECONDS: MetricDef = MetricDef {
     name: "newapi_logs_oldest_timestamp_seconds",
     help: "created_at of the oldest row left in logs: where the gateway's log cleanup (or a ClickHouse TTL) has cut the table.",
     kind: Kind::Gauge,
-    otel_name: "newapi.logs.oldest",
+    otel_name: "newapi.logs.oldest_timestamp",
     otel_unit: "s",
 };
 pub const CHANNEL_STATUS: MetricDef = MetricDef {
@@ -128,14 +128,14 @@ pub const CHANNEL_STATUS: MetricDef = MetricDef {
     help: "Channel status: 1 enabled, 2 disabled by hand, 3 disabled automatically.",
     kind: Kind::Gauge,
     otel_name: "newapi.channel.status",
-    otel_unit: "1",
+    otel_unit: "{status}",
 };
 pub const CHANNEL_BALANCE_USD: MetricDef = MetricDef {
     name: "newapi_channel_balance_usd",
     help: "Channel balance in USD as last fetched by the gateway.",
     kind: Kind::Gauge,
-    otel_name: "newapi.channel.balance",
-    otel_unit: "USD",
+    otel_name: "newapi.channel.balance_usd",
+    otel_unit: "{USD}",
 };
 pub const CHANNEL_USED_QUOTA: MetricDef = MetricDef {
     name: "newapi_channel_used_quota",
@@ -204,7 +204,7 @@ pub const LEDGER_WINDOW_END_TIMESTAMP_SECONDS: MetricDef = MetricDef {
     name: "newapi_ledger_window_end_timestamp_seconds",
     help: "End of the ledger window the newapi_ledger_* gauges describe.",
     kind: Kind::Gauge,
-    otel_name: "newapi.ledger.window_end",
+    otel_name: "newapi.ledger.window_end_timestamp",
     otel_unit: "s",
 };
 pub const LEDGER_REFUNDS_LOWER_USED_QUOTA: MetricDef = MetricDef {
@@ -212,28 +212,28 @@ pub const LEDGER_REFUNDS_LOWER_USED_QUOTA: MetricDef = MetricDef {
     help: "1 when the ledger comparison takes refunds as lowering used_quota (gateways from v1.0.0-rc.22 on, or --ledger.refunds=lower), 0 otherwise.",
     kind: Kind::Gauge,
     otel_name: "newapi.ledger.refunds_lower_used_quota",
-    otel_unit: "1",
+    otel_unit: "{boolean}",
 };
 pub const QUOTA_PER_UNIT: MetricDef = MetricDef {
     name: "newapi_quota_per_unit",
     help: "Quota units per USD (options.QuotaPerUnit, default 500000): USD = quota / this.",
     kind: Kind::Gauge,
     otel_name: "newapi.quota_per_unit",
-    otel_unit: "{quota}/USD",
+    otel_unit: "{quota_per_USD}",
 };
 pub const LOG_CONSUME_ENABLED: MetricDef = MetricDef {
     name: "newapi_log_consume_enabled",
     help: "1 when the gateway writes a log row per billed request (options.LogConsumeEnabled, default true), else 0: every usage counter is blind while it is 0.",
     kind: Kind::Gauge,
     otel_name: "newapi.log_consume.enabled",
-    otel_unit: "1",
+    otel_unit: "{boolean}",
 };
 pub const QUOTA_DATA_EXPORT_ENABLED: MetricDef = MetricDef {
     name: "newapi_quota_data_export_enabled",
     help: "1 when the gateway writes quota_data (options.DataExportEnabled, default true), else 0.",
     kind: Kind::Gauge,
     otel_name: "newapi.quota_data.export.enabled",
-    otel_unit: "1",
+    otel_unit: "{boolean}",
 };
 pub const QUOTA_DATA_EXPORT_INTERVAL_SECONDS: MetricDef = MetricDef {
     name: "newapi_quota_data_export_interval_seconds",
@@ -345,13 +345,13 @@ pub const GATEWAY_INFO: MetricDef = MetricDef {
     help: "Constant 1; generation is the gateway generation detected from the tables (one-api, new-api-older, new-api-current).",
     kind: Kind::Gauge,
     otel_name: "newapi.gateway.info",
-    otel_unit: "1",
+    otel_unit: "{info}",
 };
 pub const QUOTA_DATA_SETTLED_UNTIL_TIMESTAMP_SECONDS: MetricDef = MetricDef {
     name: "newapi_quota_data_settled_until_timestamp_seconds",
     help: "End of the newest settled hour: missing and excess cover the window's hours before it.",
     kind: Kind::Gauge,
-    otel_name: "newapi.quota_data.settled_until",
+    otel_name: "newapi.quota_data.settled_until_timestamp",
     otel_unit: "s",
 };
 pub const UP: MetricDef = MetricDef {
@@ -359,14 +359,14 @@ pub const UP: MetricDef = MetricDef {
     help: "1 when the last poll of the gateway's database succeeded, else 0.",
     kind: Kind::Gauge,
     otel_name: "newapi.up",
-    otel_unit: "1",
+    otel_unit: "{boolean}",
 };
 pub const EXPORTER_BUILD_INFO: MetricDef = MetricDef {
     name: "newapi_exporter_build_info",
     help: "Constant 1, labeled with the exporter's version, git revision and branch, and the Rust compiler's version.",
     kind: Kind::Gauge,
     otel_name: "newapi.exporter.build_info",
-    otel_unit: "1",
+    otel_unit: "{info}",
 };
 pub const EXPORTER_POLL_DURATION_SECONDS: MetricDef = MetricDef {
     name: "newapi_exporter_poll_duration_seconds",
@@ -400,7 +400,7 @@ pub const EXPORTER_LAST_POLL_TIMESTAMP_SECONDS: MetricDef = MetricDef {
     name: "newapi_exporter_last_poll_timestamp_seconds",
     help: "Unix time the last poll finished, successful or not.",
     kind: Kind::Gauge,
-    otel_name: "newapi.exporter.last_poll",
+    otel_name: "newapi.exporter.last_poll_timestamp",
     otel_unit: "s",
 };
 pub const EXPORTER_LOGS_CURSOR: MetricDef = MetricDef {
@@ -408,7 +408,7 @@ pub const EXPORTER_LOGS_CURSOR: MetricDef = MetricDef {
     help: "Highest logs.id ingested (0 with logs in ClickHouse, which has no ids).",
     kind: Kind::Gauge,
     otel_name: "newapi.exporter.logs_cursor",
-    otel_unit: "1",
+    otel_unit: "{id}",
 };
 pub const EXPORTER_OTLP_ERRORS_TOTAL: MetricDef = MetricDef {
     name: "newapi_exporter_otlp_errors_total",
@@ -431,7 +431,7 @@ pub const EXPORTER_COLLECTOR_SUCCESS: MetricDef = MetricDef {
     help: "Whether each collector's last poll succeeded (1) or failed (0), by collector.",
     kind: Kind::Gauge,
     otel_name: "newapi.exporter.collector.success",
-    otel_unit: "1",
+    otel_unit: "{boolean}",
 };
 pub const EXPORTER_COLLECTOR_DURATION_SECONDS: MetricDef = MetricDef {
     name: "newapi_exporter_collector_duration_seconds",

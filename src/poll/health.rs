@@ -9,6 +9,11 @@ use prometheus::{
 use super::pipeline::CollectorRun;
 use crate::metrics::{self as m, MetricDef};
 
+/// Bucket bounds of the poll-time histogram (seconds), on /metrics and over OTLP alike.
+pub const POLL_DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
 pub struct Health {
     pub registry: Registry,
     pub up: IntGauge,
@@ -48,9 +53,7 @@ impl Health {
                 m::EXPORTER_POLL_DURATION_SECONDS.name,
                 m::EXPORTER_POLL_DURATION_SECONDS.help,
             )
-            .buckets(vec![
-                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-            ]),
+            .buckets(POLL_DURATION_BUCKETS.to_vec()),
         )
         .expect("valid metric");
         let poll_errors =

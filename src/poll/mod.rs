@@ -23,6 +23,7 @@ use crate::metrics::{EXPORTER_SERIES_FOLDED_TOTAL, Family};
 use crate::reconcile::Report;
 use crate::schema::Generation;
 use health::Health;
+pub use health::POLL_DURATION_BUCKETS;
 pub use pipeline::{CollectorRun, Pipeline};
 
 /// Opens the gateway's databases; called again after a failure.
@@ -76,9 +77,16 @@ pub struct Poller {
     /// What was at the database files' paths when the pipeline was built: another file there
     /// later is another database.
     built_on: Vec<Option<(u64, u64)>>,
+    /// Told each poll's duration as the poll ends (the OTLP histogram).
+    on_poll_duration: Option<Box<dyn Fn(f64) + Send>>,
 }
 
 impl Poller {
+    /// Tells `f` each poll's duration as the poll ends.
+    pub fn on_poll_duration(&mut self, f: Box<dyn Fn(f64) + Send>) {
+        self.on_poll_duration = Some(f);
+    }
+
     /// Adds `newapi_exporter_otlp_errors_total` to the exporter's metrics and returns it.
     pub fn otlp_error_counter(&mut self) -> IntCounter {
         self.health.otlp_error_counter()
@@ -101,6 +109,7 @@ impl Poller {
             outage: None,
             ready: false,
             built_on: Vec::new(),
+            on_poll_duration: None,
         }
     }
 
@@ -164,9 +173,11 @@ impl Poller {
     pub fn poll_once(&mut self, to: &impl Publish) {
         let started = Instant::now();
         let result = self.poll_collectors();
-        self.health
-            .poll_duration
-            .observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed().as_secs_f64();
+        self.health.poll_duration.observe(took);
+        if let Some(f) = &self.on_poll_duration {
+            f(took);
+        }
         match &result {
             Ok(()) => {
                 self.health.up.set(1);
