@@ -371,6 +371,11 @@ pub struct WebArgs {
     #[arg(long = "web.config.file", value_name = "FILE")]
     pub web_config_file: Option<PathBuf>,
 
+    /// Grafana's base URL (e.g. http://grafana:3000): the landing page links to the shipped
+    /// dashboards there (by their uids); unset, it links to the dashboards' files.
+    #[arg(long = "web.grafana-url", value_name = "URL")]
+    pub grafana_url: Option<String>,
+
     /// Also push the metrics over OTLP to this collector (a base URL, like
     /// OTEL_EXPORTER_OTLP_ENDPOINT). The standard OTEL_* variables apply; off when no endpoint
     /// is set.

@@ -10,6 +10,7 @@ mod engines;
 mod faults;
 mod gateway_never_blocked;
 mod generate;
+mod landing_page;
 mod ledger;
 mod logs_counters;
 mod monitoring_bundle;

@@ -118,7 +118,7 @@ async fn serve(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Resu
         None => WebConfig::default(),
     };
     let auth = BasicAuth::new(web_config.users.clone());
-    let app = web::router(shared, &web.telemetry_path)
+    let app = web::router(shared, &web.telemetry_path, web.grafana_url.as_deref())
         .layer(axum::middleware::from_fn_with_state(auth, require_auth));
     // Shutdown sets the flag and wakes the poller from its sleep between polls.
     let stop_polling = {

@@ -16,7 +16,7 @@ use prometheus::IntCounter;
 use prometheus::proto::MetricFamily;
 
 use crate::clock::unix_now;
-use crate::collect::Settings;
+use crate::collect::{GatewayOptions, Settings};
 use crate::db::dsn::DbConfig;
 use crate::db::{self, Sources};
 use crate::metrics::{EXPORTER_SERIES_FOLDED_TOTAL, Family};
@@ -62,6 +62,8 @@ pub struct Status {
     pub ready: bool,
     /// The reconciliation over the window; `None` on one-api (no quota_data).
     pub report: Option<Arc<Report>>,
+    /// The gateway's settings as last read (quota per USD, the dashboard's flush interval).
+    pub options: GatewayOptions,
 }
 
 pub struct Poller {
@@ -215,6 +217,7 @@ impl Poller {
         let mut generation = None;
         let mut cursor = 0;
         let mut report = None;
+        let mut options = GatewayOptions::default();
         if let Some(p) = &mut self.pipeline {
             for (table, n) in std::mem::take(&mut p.ctx.rows_read) {
                 self.health.rows_read.with_label_values(&[table]).inc_by(n);
@@ -233,6 +236,7 @@ impl Poller {
             generation = Some(p.ctx.schema.generation);
             report = p.ctx.report.clone();
             cursor = p.ctx.logs_cursor;
+            options = p.ctx.options.clone();
         }
         self.health.cursor.set(cursor);
         if let Some(p) = &self.pipeline
@@ -255,6 +259,7 @@ impl Poller {
                 logs_cursor: cursor,
                 ready: self.ready,
                 report,
+                options,
             },
         }
     }

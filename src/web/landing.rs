@@ -33,7 +33,35 @@ const PATH: &AsciiSet = &CONTROLS
     .add(b'[')
     .add(b']');
 
-pub async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) -> Html<String> {
+/// Where the shipped dashboards are: in Grafana when its URL is given, else their files.
+fn dashboard_links(grafana: Option<&str>) -> String {
+    let dashboards = [
+        ("newapi-usage", "Usage dashboard"),
+        ("newapi-recording-health", "Recording-health dashboard"),
+    ];
+    dashboards
+        .iter()
+        .map(|(uid, title)| {
+            let href = match grafana {
+                Some(g) => format!("{}/d/{uid}", g.trim_end_matches('/')),
+                None => format!(
+                    "{}/blob/main/dashboards/{uid}.json",
+                    env!("CARGO_PKG_REPOSITORY")
+                ),
+            };
+            format!(
+                "<li><a href=\"{}\">{title}</a></li>",
+                html_escape::encode_double_quoted_attribute(&href)
+            )
+        })
+        .collect()
+}
+
+pub async fn landing(
+    State(shared): State<Arc<Shared>>,
+    metrics_path: String,
+    grafana: Option<String>,
+) -> Html<String> {
     let snap = shared.snapshot();
     let st = &snap.status;
     let last_poll = st
@@ -56,11 +84,18 @@ pub async fn landing(State(shared): State<Arc<Shared>>, metrics_path: String) ->
     Html(format!(
         r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>newapi-exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}} td{{padding:0 1em 0 0}} .ok{{color:#080}} .bad{{color:#b00}}
-table.cmp{{border-collapse:collapse;font-size:0.85em}} .cmp th,.cmp td{{border:1px solid #999;padding:0.2em 0.5em;white-space:nowrap}}
-.cmp th{{white-space:normal}} .cmp td+td{{text-align:right;font-variant-numeric:tabular-nums}}</style>
+<meta name="viewport" content="width=device-width">
+<style>body{{font-family:sans-serif;margin:1.5em;max-width:1240px}} td{{padding:0 1em 0 0}}
+.ok{{color:#080}} .bad{{color:#b00;font-weight:bold}} .warn{{color:#a60}}
+table.cmp{{border-collapse:collapse;font-size:0.85em;margin-bottom:1em}}
+.cmp th,.cmp td{{border:1px solid #bbb;padding:0.2em 0.45em}}
+.cmp th{{background:#f3f3f3;font-weight:normal}} .cmp td{{white-space:nowrap}}
+.cmp td.n{{text-align:right;font-variant-numeric:tabular-nums}} .cmp td.name{{min-width:10em;max-width:18em;overflow-wrap:anywhere;white-space:normal}}
+.q{{color:#666;font-size:0.85em}} tr.total td{{border-top:2px solid #666;font-weight:bold}}
+nav a{{margin-right:1.2em}}</style>
 </head><body>
 <h1>newapi-exporter</h1>
+<nav><a href="{metrics}">Metrics</a><a href="/runbook">Runbook</a><a href="/-/healthy">Health</a><a href="/-/ready">Readiness</a></nav>
 <p>Prometheus exporter for the new-api / one-api LLM gateway.</p>
 <table>
 <tr><td>Version</td><td>{version}</td></tr>
@@ -69,12 +104,13 @@ table.cmp{{border-collapse:collapse;font-size:0.85em}} .cmp th,.cmp td{{border:1
 <tr><td>Last poll</td><td>{last_poll}</td></tr>
 <tr><td>Result</td><td>{result}</td></tr>
 <tr><td>Highest logs.id read</td><td>{cursor}</td></tr>
+<tr><td>Quota per US$</td><td>{per_unit}</td></tr>
 </table>
 {recording}
+<h2>Dashboards and alerts</h2>
 <ul>
-<li><a href="{metrics}">Metrics</a></li>
-<li><a href="/-/healthy">Health</a></li>
-<li><a href="/-/ready">Readiness</a></li>
+{dashboards}
+<li><a href="/runbook">Runbook</a>: what each alert means and what to do</li>
 </ul>
 </body></html>
 "#,
@@ -82,14 +118,32 @@ table.cmp{{border-collapse:collapse;font-size:0.85em}} .cmp th,.cmp td{{border:1
         database = esc(&st.database),
         generation = esc(generation),
         cursor = st.logs_cursor,
+        per_unit = st.options.quota_per_unit,
         recording = recording,
+        dashboards = dashboard_links(grafana.as_deref()),
         metrics = html_escape::encode_double_quoted_attribute(
             &utf8_percent_encode(&metrics_path, PATH).to_string()
         ),
     ))
 }
 
-/// The logs-versus-quota_data comparison over the reconciliation window.
+/// A quota amount as money, with the quota beside it.
+fn money(quota: i64, per_unit: f64) -> String {
+    let per_unit = if per_unit > 0.0 { per_unit } else { 500_000.0 };
+    format!(
+        "US${:.2} <span class=q>{quota}</span>",
+        quota as f64 / per_unit
+    )
+}
+
+/// One numeric cell; `bad` paints this cell only.
+fn cell(html: &mut String, content: &str, bad: bool) {
+    let class = if bad { "n bad" } else { "n" };
+    html.push_str(&format!("<td class=\"{class}\">{content}</td>"));
+}
+
+/// The logs-versus-quota_data comparison over the reconciliation window, the worst model and
+/// channel first, amounts in US$ beside quota, lags in hours and minutes.
 fn recording_section(st: &Status) -> String {
     let Some(r) = &st.report else {
         return match st.generation {
@@ -100,9 +154,12 @@ fn recording_section(st: &Status) -> String {
             _ => String::new(),
         };
     };
+    let per_unit = st.options.quota_per_unit;
+    // The recording-stalled alert's threshold: three flush intervals and a quarter hour.
+    let lag_limit = 3 * st.options.data_export_interval_seconds + 900;
     let mut html = format!(
         "<h2>Recording health: logs against quota_data</h2>\n<p>Hours {} to {}; missing and excess \
-         count settled hours (before {}). quota_data lag: {}{}{}.</p>\n<table class=cmp>\n<tr>",
+         count settled hours (before {}). quota_data lag: {}{}{}.</p>\n",
         esc(&rfc3339(r.since)),
         esc(&rfc3339(r.until)),
         esc(&rfc3339(r.settled_until)),
@@ -121,24 +178,86 @@ fn recording_section(st: &Status) -> String {
             ))
             .unwrap_or_default(),
     );
-    for h in format::HEADERS {
-        let h = if h == "lag" { "lag (s)" } else { h };
-        html.push_str(&format!("<th>{}</th>", h.replace('_', " ")));
-    }
-    html.push_str("</tr>\n");
-    let has_missing = r
-        .models
-        .iter()
-        .map(|m| &m.cmp)
-        .chain([&r.totals])
-        .map(|c| c.missing.requests > 0 || c.missing.quota > 0);
-    for (row, missing) in format::rows(r, rfc3339).into_iter().zip(has_missing) {
-        html.push_str(if missing { "<tr class=bad>" } else { "<tr>" });
-        for c in &row {
-            html.push_str(&format!("<td>{}</td>", esc(c)));
-        }
+    html.push_str(
+        "<table class=cmp>\n<tr><th rowspan=2>model</th><th colspan=2>logs</th>\
+         <th colspan=3>quota_data</th><th colspan=2>missing</th><th rowspan=2>excess</th>\
+         <th rowspan=2>unmirrored task settlements</th><th rowspan=2>lag</th></tr>\n\
+         <tr><th>requests</th><th>quota</th><th>rows</th><th>requests</th><th>quota</th>\
+         <th>requests</th><th>quota</th></tr>\n",
+    );
+    let mut models: Vec<_> = r.models.iter().collect();
+    models.sort_by(|a, b| {
+        (b.cmp.missing.quota, b.lag_seconds, b.cmp.logs.quota).cmp(&(
+            a.cmp.missing.quota,
+            a.lag_seconds,
+            a.cmp.logs.quota,
+        ))
+    });
+    let rows = models
+        .into_iter()
+        .map(|m| (m.model.as_str(), &m.cmp, m.lag_seconds, false))
+        .chain([("TOTAL", &r.totals, r.lag_seconds, true)]);
+    for (name, c, lag, total) in rows {
+        html.push_str(if total { "<tr class=total>" } else { "<tr>" });
+        html.push_str(&format!("<td class=name>{}</td>", esc(name)));
+        cell(&mut html, &c.logs.requests.to_string(), false);
+        cell(&mut html, &money(c.logs.quota, per_unit), false);
+        cell(
+            &mut html,
+            &c.quota_data.rows.to_string(),
+            c.duplicate_rows > 0,
+        );
+        cell(&mut html, &c.quota_data.requests.to_string(), false);
+        cell(&mut html, &money(c.quota_data.quota, per_unit), false);
+        cell(
+            &mut html,
+            &c.missing.requests.to_string(),
+            c.missing.requests > 0,
+        );
+        cell(
+            &mut html,
+            &money(c.missing.quota, per_unit),
+            c.missing.quota > 0,
+        );
+        cell(&mut html, &money(c.excess.quota, per_unit), false);
+        cell(&mut html, &money(c.unmirrored.quota, per_unit), false);
+        cell(&mut html, &duration(lag), lag > lag_limit);
         html.push_str("</tr>\n");
     }
     html.push_str("</table>\n");
+    let mut channels: Vec<_> = r
+        .channels
+        .iter()
+        .filter(|c| c.missing.quota > 0 || c.missing.requests > 0 || c.excess.quota > 0)
+        .collect();
+    if !channels.is_empty() {
+        channels.sort_by(|a, b| {
+            (b.missing.quota, b.excess.quota).cmp(&(a.missing.quota, a.excess.quota))
+        });
+        html.push_str(
+            "<table class=cmp>\n<tr><th>channel</th><th>missing requests</th>\
+             <th>missing quota</th><th>excess quota</th></tr>\n",
+        );
+        for c in channels {
+            html.push_str(&format!(
+                "<tr><td class=name>{} {}</td>",
+                c.channel_id,
+                esc(&c.channel_name)
+            ));
+            cell(
+                &mut html,
+                &c.missing.requests.to_string(),
+                c.missing.requests > 0,
+            );
+            cell(
+                &mut html,
+                &money(c.missing.quota, per_unit),
+                c.missing.quota > 0,
+            );
+            cell(&mut html, &money(c.excess.quota, per_unit), false);
+            html.push_str("</tr>\n");
+        }
+        html.push_str("</table>\n");
+    }
     html
 }

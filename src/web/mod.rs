@@ -26,13 +26,14 @@ const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// The routes. The metrics path is a literal, not a route pattern: it is compared with each
 /// request's percent-decoded path, so any path (`/:metrics`, `/{x}`, `/métriques`) is served
 /// exactly where it says and nowhere else.
-pub fn router(shared: Arc<Shared>, telemetry_path: &str) -> Router {
+pub fn router(shared: Arc<Shared>, telemetry_path: &str, grafana_url: Option<&str>) -> Router {
     let metrics_path = telemetry_path.to_string();
+    let grafana = grafana_url.map(str::to_string);
     let literal = telemetry_path.to_string();
     Router::new()
         .route(
             "/",
-            get(move |s: State<Arc<Shared>>| landing(s, metrics_path.clone())),
+            get(move |s: State<Arc<Shared>>| landing(s, metrics_path.clone(), grafana.clone())),
         )
         .route("/runbook", get(runbook::runbook))
         .route("/-/healthy", get(|| async { "OK\n" }))
