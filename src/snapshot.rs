@@ -2,7 +2,7 @@
 //! exposition (encoded once per poll, so a scrape only copies bytes), and the status the
 //! landing page shows.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus::TextEncoder;
 use prometheus::proto::MetricFamily;
@@ -15,6 +15,8 @@ pub struct Snapshot {
     pub families: Vec<MetricFamily>,
     /// `families` in the Prometheus text format.
     pub text: String,
+    /// `families` in the OpenMetrics text format, encoded when first asked for.
+    pub openmetrics: OnceLock<String>,
     pub status: Status,
 }
 
@@ -27,6 +29,7 @@ impl Snapshot {
         Snapshot {
             families: out.families,
             text,
+            openmetrics: OnceLock::new(),
             status: out.status,
         }
     }

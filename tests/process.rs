@@ -549,3 +549,99 @@ fn metrics_are_gzipped_for_clients_that_ask() {
     assert_eq!(unzipped, plain);
     assert!(String::from_utf8_lossy(&plain).contains("newapi_requests_total{"));
 }
+
+/// `/metrics` negotiates: OpenMetrics for a client that prefers it (Prometheus' default Accept
+/// header), read back by the reference OpenMetrics parser (Python `prometheus_client`) with the
+/// same samples as the Prometheus text format; the text format otherwise.
+#[test]
+fn openmetrics_is_negotiated_and_parses_with_the_same_samples() {
+    let test = "openmetrics_is_negotiated_and_parses_with_the_same_samples";
+    if !require_tool("python3", test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    newapi_exporter::demo::create(&db, Duration::from_secs(6 * 3600), 2).unwrap();
+    let exp = Running::start(&["--sqlite-path", db.to_str().unwrap()]);
+    exp.wait_ready(Duration::from_secs(30));
+    let get = |accept: &str| {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let mut resp = agent
+            .get(format!("http://{}/metrics", exp.addr))
+            .header("Accept", accept)
+            .call()
+            .unwrap();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        (ct, resp.body_mut().read_to_string().unwrap())
+    };
+    let prometheus3 = "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,\
+        application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.2,*/*;q=0.1";
+    let (ct, om) = get(prometheus3);
+    assert!(
+        ct.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{ct}"
+    );
+    assert!(om.ends_with("# EOF\n"));
+    let (ct, text) = get("text/plain;version=0.0.4");
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+
+    // The reference parser reads every sample (name, labels, value) back; the values of the
+    // exporter's own timing metrics change between the two requests, so they are left out.
+    let script = r#"
+import sys, json
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = []
+for f in text_string_to_metric_families(sys.stdin.read()):
+    for s in f.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(om.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused the output: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parsed: Vec<(String, std::collections::BTreeMap<String, String>, f64)> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    let moving = |name: &str| {
+        name.starts_with("process_") || name.starts_with("newapi_exporter_") || name == "newapi_up"
+    };
+    let from_openmetrics: std::collections::BTreeSet<String> = parsed
+        .iter()
+        .filter(|(n, _, _)| !moving(n) && !n.ends_with("_created"))
+        .map(|(n, l, v)| format!("{n}{l:?} {v}"))
+        .collect();
+    let from_text: std::collections::BTreeSet<String> = parse_metrics(&text)
+        .iter()
+        .filter(|s| !moving(&s.name))
+        .map(|s| {
+            let l: std::collections::BTreeMap<String, String> =
+                s.labels.clone().into_iter().collect();
+            format!("{}{l:?} {}", s.name, s.value)
+        })
+        .collect();
+    assert!(from_text.len() > 100, "{}", from_text.len());
+    assert_eq!(from_openmetrics, from_text);
+}

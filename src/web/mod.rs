@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod config;
 mod landing;
+pub mod openmetrics;
 pub mod runbook;
 pub mod server;
 
@@ -13,7 +14,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use percent_encoding::percent_decode_str;
@@ -38,23 +39,38 @@ pub fn router(shared: Arc<Shared>, telemetry_path: &str, grafana_url: Option<&st
         .route("/runbook", get(runbook::runbook))
         .route("/-/healthy", get(|| async { "OK\n" }))
         .route("/-/ready", get(ready))
-        .fallback(move |s: State<Arc<Shared>>, method: Method, uri: Uri| {
-            let is_metrics = percent_decode_str(uri.path()).decode_utf8_lossy() == literal;
-            async move {
-                match (is_metrics, method) {
-                    (true, Method::GET | Method::HEAD) => metrics(s).await,
-                    (true, _) => StatusCode::METHOD_NOT_ALLOWED.into_response(),
-                    (false, _) => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+        .fallback(
+            move |s: State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap| {
+                let is_metrics = percent_decode_str(uri.path()).decode_utf8_lossy() == literal;
+                async move {
+                    match (is_metrics, method) {
+                        (true, Method::GET | Method::HEAD) => metrics(s, headers).await,
+                        (true, _) => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+                        (false, _) => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+                    }
                 }
-            }
-        })
+            },
+        )
         .with_state(shared)
         // gzip for clients that ask (Prometheus always does): a scrape shrinks about tenfold.
         .layer(tower_http::compression::CompressionLayer::new().gzip(true))
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+/// The Prometheus text format, or OpenMetrics for clients that prefer it.
+async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     let snap = shared.snapshot();
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .unwrap_or("");
+    if openmetrics::preferred(accept) {
+        // Encoded at the first request for this snapshot, then served as bytes.
+        let body = snap
+            .openmetrics
+            .get_or_init(|| openmetrics::encode(&snap.families))
+            .clone();
+        return ([(header::CONTENT_TYPE, openmetrics::CONTENT_TYPE)], body).into_response();
+    }
     ([(header::CONTENT_TYPE, TEXT_FORMAT)], snap.text.clone()).into_response()
 }
 
