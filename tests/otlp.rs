@@ -415,6 +415,45 @@ fn bad_otlp_settings_are_named() {
     assert!(err.contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{err}");
 }
 
+/// An exporter on the fixture pushing to an OTLP/HTTP receiver every 300 ms, with `args` and
+/// `envs` besides; ready.
+struct HttpExport {
+    _dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    _rt: tokio::runtime::Runtime,
+    received: Received,
+    port: SocketAddr,
+    exp: Running,
+}
+
+fn http_export(args: &[&str], envs: &[(&str, &str)]) -> HttpExport {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fixture(dir.path());
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (rt, received) = http_receiver(port);
+    let endpoint = format!("http://{port}");
+    let mut all_args = vec!["--sqlite-path", db.to_str().unwrap()];
+    all_args.extend_from_slice(args);
+    let mut all_envs = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+    ];
+    all_envs.extend_from_slice(envs);
+    let exp = Running::start_with_env(&all_args, &all_envs);
+    exp.wait_ready(Duration::from_secs(30));
+    HttpExport {
+        _dir: dir,
+        db,
+        _rt: rt,
+        received,
+        port,
+        exp,
+    }
+}
+
 /// Prometheus' translation of an OTLP metric name (its OTLP receiver and remote-write
 /// translator, with the default suffixes): characters outside `[a-zA-Z0-9_:]` become `_`; the
 /// unit, without `{...}` annotations, becomes a suffix (UCUM `s` → `seconds`, `ms` →
@@ -513,31 +552,14 @@ fn exported_metrics(received: &Received) -> BTreeMap<String, (String, String, i3
 /// resource names the service's version and this instance; the poll time is a histogram.
 #[test]
 fn prometheus_translation_of_the_otlp_stream_gives_the_same_names() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = fixture(dir.path());
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let (_rt, received) = http_receiver(port);
-    let exp = Running::start_with_env(
-        &[
-            "--sqlite-path",
-            db.to_str().unwrap(),
-            "--poll-interval",
-            "200ms",
-        ],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{port}")),
-            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
-        ],
-    );
-    exp.wait_ready(Duration::from_secs(30));
+    // Bound whole: the receiver runs as long as the binding lives.
+    let h = http_export(&["--poll-interval", "200ms"], &[]);
+    let (received, exp) = (&h.received, &h.exp);
     wait_for("an export with the poll histogram", || {
-        exported_metrics(&received).contains_key("newapi.exporter.poll.duration")
+        exported_metrics(received).contains_key("newapi.exporter.poll.duration")
     });
     std::thread::sleep(Duration::from_millis(700));
-    let exported = exported_metrics(&received);
+    let exported = exported_metrics(received);
     let translated: std::collections::BTreeSet<String> = exported
         .iter()
         .map(|(name, (unit, kind, _))| prometheus_name(name, unit, kind))
@@ -578,7 +600,7 @@ fn prometheus_translation_of_the_otlp_stream_gives_the_same_names() {
             .all(|(unit, _, _)| !unit.is_empty() && !unit.contains("USD") || unit.contains('{')),
         "units are UCUM (money as an annotation): {exported:?}"
     );
-    let r = resource_attrs(&received);
+    let r = resource_attrs(received);
     assert_eq!(r["service.version"], env!("CARGO_PKG_VERSION"));
     let host = newapi_exporter::export::otlp::host_name();
     assert_eq!(
@@ -591,28 +613,16 @@ fn prometheus_translation_of_the_otlp_stream_gives_the_same_names() {
 /// named.
 #[test]
 fn the_temporality_preference_is_honoured() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = fixture(dir.path());
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let (_rt, received) = http_receiver(port);
-    let exp = Running::start_with_env(
-        &["--sqlite-path", db.to_str().unwrap()],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{port}")),
-            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
-            ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "Delta"),
-        ],
+    let h = http_export(
+        &[],
+        &[("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "Delta")],
     );
-    exp.wait_ready(Duration::from_secs(30));
+    let (received, db, port) = (&h.received, &h.db, h.port);
     wait_for("an export with usage", || {
-        exported_metrics(&received).contains_key("newapi.requests")
+        exported_metrics(received).contains_key("newapi.requests")
     });
     // AGGREGATION_TEMPORALITY_DELTA is 1.
-    assert_eq!(exported_metrics(&received)["newapi.requests"].2, 1);
-    drop(exp);
+    assert_eq!(exported_metrics(received)["newapi.requests"].2, 1);
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_newapi-exporter"))
         .args(["--sqlite-path", db.to_str().unwrap()])

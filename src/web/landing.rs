@@ -11,7 +11,7 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::clock::{duration, rfc3339};
 use crate::poll::Status;
-use crate::reconcile::format;
+use crate::reconcile::{Amount, format};
 use crate::schema::Generation;
 use crate::snapshot::Shared;
 
@@ -142,6 +142,13 @@ fn cell(html: &mut String, content: &str, bad: bool) {
     html.push_str(&format!("<td class=\"{class}\">{content}</td>"));
 }
 
+/// Missing requests and quota (red when any) and excess quota.
+fn missing_and_excess(html: &mut String, missing: &Amount, excess: &Amount, per_unit: f64) {
+    cell(html, &missing.requests.to_string(), missing.requests > 0);
+    cell(html, &money(missing.quota, per_unit), missing.quota > 0);
+    cell(html, &money(excess.quota, per_unit), false);
+}
+
 /// The logs-versus-quota_data comparison over the reconciliation window, the worst model and
 /// channel first, amounts in US$ beside quota, lags in hours and minutes.
 fn recording_section(st: &Status) -> String {
@@ -209,17 +216,7 @@ fn recording_section(st: &Status) -> String {
         );
         cell(&mut html, &c.quota_data.requests.to_string(), false);
         cell(&mut html, &money(c.quota_data.quota, per_unit), false);
-        cell(
-            &mut html,
-            &c.missing.requests.to_string(),
-            c.missing.requests > 0,
-        );
-        cell(
-            &mut html,
-            &money(c.missing.quota, per_unit),
-            c.missing.quota > 0,
-        );
-        cell(&mut html, &money(c.excess.quota, per_unit), false);
+        missing_and_excess(&mut html, &c.missing, &c.excess, per_unit);
         cell(&mut html, &money(c.unmirrored.quota, per_unit), false);
         cell(&mut html, &duration(lag), lag > lag_limit);
         html.push_str("</tr>\n");
@@ -244,17 +241,7 @@ fn recording_section(st: &Status) -> String {
                 c.channel_id,
                 esc(&c.channel_name)
             ));
-            cell(
-                &mut html,
-                &c.missing.requests.to_string(),
-                c.missing.requests > 0,
-            );
-            cell(
-                &mut html,
-                &money(c.missing.quota, per_unit),
-                c.missing.quota > 0,
-            );
-            cell(&mut html, &money(c.excess.quota, per_unit), false);
+            missing_and_excess(&mut html, &c.missing, &c.excess, per_unit);
             html.push_str("</tr>\n");
         }
         html.push_str("</table>\n");
