@@ -56,6 +56,9 @@ pub enum Command {
     /// unless --apply. THE ONLY COMMAND THAT WRITES THE GATEWAY'S DATABASE (quota_data only;
     /// logs is never touched).
     Backfill(BackfillArgs),
+    /// Exit 0 when the exporter at --url answers its health probe, 1 otherwise: the container
+    /// image's HEALTHCHECK (the minimal image has no curl).
+    Healthcheck(HealthcheckArgs),
     /// Write a large, realistic gateway database (for benchmarks): logs with a skewed mix of
     /// models and users, errors, refunds and task settlements, and the matching quota_data.
     Generate(GenerateArgs),
@@ -180,6 +183,17 @@ impl SeriesArgs {
             max_series: self.max_per_metric.map(|n| n as usize),
         }
     }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HealthcheckArgs {
+    /// The probe to ask (plain HTTP).
+    #[arg(
+        long = "url",
+        default_value = "http://127.0.0.1:10160/-/healthy",
+        value_name = "URL"
+    )]
+    pub url: String,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -49,6 +49,19 @@ fn init_logging(log: &LogArgs) {
     }
 }
 
+/// Asks the exporter's health probe; an error names the URL and what went wrong.
+fn healthcheck(url: &str) -> anyhow::Result<()> {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?;
+    let resp = client
+        .get(url)
+        .send()
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    anyhow::ensure!(resp.status().is_success(), "{url}: {}", resp.status());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
@@ -60,6 +73,7 @@ fn main() -> ExitCode {
         Some(Command::Reconcile(args)) => reconcile::run(&args),
         Some(Command::Backfill(args)) => backfill::run(&args),
         Some(Command::Generate(args)) => serve::run_generate(&args),
+        Some(Command::Healthcheck(args)) => healthcheck(&args.url),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -61,6 +61,37 @@ fn the_compose_file_follows_the_compose_spec() {
             "docker-compose.yml",
         ],
     );
+    // Pinned images, ports on the loopback only, no password in the file, and time for the
+    // gateway's shutdown flush.
+    let compose: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(repo("docker-compose.yml")).unwrap())
+            .unwrap();
+    let services = compose["services"].as_mapping().unwrap();
+    for (name, svc) in services {
+        let name = name.as_str().unwrap();
+        let image = svc["image"].as_str().unwrap_or_default();
+        let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or_default();
+        assert!(
+            !tag.is_empty() && tag != "latest",
+            "{name}: image {image:?} is not pinned"
+        );
+        for port in svc["ports"].as_sequence().into_iter().flatten() {
+            let port = port.as_str().unwrap();
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{name}: {port} is published on every interface"
+            );
+        }
+    }
+    let grafana_password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+        .as_str()
+        .unwrap();
+    assert!(
+        grafana_password.starts_with("${GRAFANA_ADMIN_PASSWORD"),
+        "{grafana_password}"
+    );
+    let grace = services["new-api"]["stop_grace_period"].as_str().unwrap();
+    assert!(humantime::parse_duration(grace).unwrap() >= std::time::Duration::from_secs(30));
 }
 
 /// (alert name, the rule's lines) for every rule in the shipped rule file.
@@ -279,4 +310,46 @@ fn dashboards_follow_the_conventions() {
         }
         assert!(targets >= 10, "{file}: only {targets} queries");
     }
+}
+
+/// The PrometheusRule the Kubernetes manifests ship: alerts/newapi.rules.yml inside the
+/// prometheus-operator's envelope, nothing else. `NEWAPI_REGENERATE=1 cargo test
+/// the_prometheusrule_is_the_rules_file` writes it; CI fails when the two drift.
+fn prometheusrule() -> String {
+    use serde_yaml_ng::{Mapping, Value};
+    let rules: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(repo("alerts/newapi.rules.yml")).unwrap())
+            .unwrap();
+    let mut labels = Mapping::new();
+    labels.insert("app.kubernetes.io/name".into(), "newapi-exporter".into());
+    let mut metadata = Mapping::new();
+    metadata.insert("name".into(), "newapi-exporter".into());
+    metadata.insert("labels".into(), Value::Mapping(labels));
+    let mut spec = Mapping::new();
+    spec.insert("groups".into(), rules["groups"].clone());
+    let mut doc = Mapping::new();
+    doc.insert("apiVersion".into(), "monitoring.coreos.com/v1".into());
+    doc.insert("kind".into(), "PrometheusRule".into());
+    doc.insert("metadata".into(), Value::Mapping(metadata));
+    doc.insert("spec".into(), Value::Mapping(spec));
+    format!(
+        "# Generated from alerts/newapi.rules.yml: do not edit; change the rules file and run\n\
+         # NEWAPI_REGENERATE=1 cargo test the_prometheusrule_is_the_rules_file\n{}",
+        serde_yaml_ng::to_string(&Value::Mapping(doc)).unwrap()
+    )
+}
+
+#[test]
+fn the_prometheusrule_is_the_rules_file() {
+    let path = repo("deploy/kubernetes/prometheusrule.yaml");
+    let expected = prometheusrule();
+    if std::env::var_os("NEWAPI_REGENERATE").is_some() {
+        std::fs::write(&path, &expected).unwrap();
+    }
+    let shipped = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        shipped == expected,
+        "deploy/kubernetes/prometheusrule.yaml differs from alerts/newapi.rules.yml: run \
+         NEWAPI_REGENERATE=1 cargo test the_prometheusrule_is_the_rules_file"
+    );
 }

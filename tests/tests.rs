@@ -15,6 +15,7 @@ mod ledger;
 mod logs_counters;
 mod monitoring_bundle;
 mod otlp;
+mod packaging;
 mod process;
 mod properties;
 mod recording_health;
