@@ -154,6 +154,7 @@ fn a_failing_collector_is_named_by_its_success_gauge() {
         "channels",
         "ledger",
         "logs",
+        "nodes",
         "options",
         "quota_data",
         "reconcile",
@@ -164,7 +165,7 @@ fn a_failing_collector_is_named_by_its_success_gauge() {
     .collect();
     assert_eq!(success(&samples), expected);
     let durations = by_collector(&samples, "newapi_exporter_collector_duration_seconds");
-    assert_eq!(durations.len(), 7);
+    assert_eq!(durations.len(), 8);
     assert!(
         durations
             .iter()

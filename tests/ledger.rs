@@ -557,12 +557,7 @@ fn planted_ledger_faults_show_exactly_once_on_their_channel_on_every_engine() {
 fn refunds_count_as_the_gateway_version_in_use_handles_them() {
     let dir = tempfile::tempdir().unwrap();
     let (w, mut src) = ledger_writer(None, dir.path(), "refunds").unwrap();
-    // A gateway node that reports its version, as system_instances rows do.
-    w.run(&[
-        "CREATE TABLE system_instances (node_name varchar(128) PRIMARY KEY, started_at bigint, \
-         last_seen_at bigint, info text)"
-            .to_string(),
-    ]);
+    // A gateway node that reports its version in system_instances (the gateway's table).
     const W: i64 = 600;
     let t0 = (unix_now() / W) * W - 10 * W;
     // (version reported, whether this gateway lowers used_quota on a refund, lowers expected)
@@ -574,9 +569,10 @@ fn refunds_count_as_the_gateway_version_in_use_handles_them() {
         w.run(&[
             "DELETE FROM system_instances".to_string(),
             format!(
-                "INSERT INTO system_instances VALUES ('node-1', {t0}, {}, \
-                 '{{\"version\":\"{version}\",\"is_master\":true}}')",
-                t0 + 5
+                "INSERT INTO system_instances (node_name, info, started_at, last_seen_at, \
+                 created_at, updated_at) VALUES ('node-1', \
+                 '{{\"version\":\"{version}\",\"is_master\":true}}', {t0}, {t5}, {t0}, {t5})",
+                t5 = t0 + 5
             ),
         ]);
         let settings = Settings {

@@ -14,6 +14,7 @@ mod landing_page;
 mod ledger;
 mod logs_counters;
 mod monitoring_bundle;
+mod nodes;
 mod otlp;
 mod packaging;
 mod process;

@@ -8,6 +8,7 @@
 pub mod channels;
 pub mod ledger;
 pub mod logs;
+pub mod nodes;
 pub mod options;
 pub mod plausible;
 pub mod quota_data;
@@ -48,6 +49,7 @@ pub fn for_schema(
         Box::new(OptionsCollector::default()),
         Box::new(ChannelsCollector::default()),
         Box::new(users::UsersCollector::default()),
+        Box::new(nodes::NodesCollector::default()),
     ];
     if has_quota_data {
         collectors.push(Box::new(QuotaDataCollector::new(

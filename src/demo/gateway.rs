@@ -170,6 +170,16 @@ pub const CLICKHOUSE_LOGS_DDL: &str = "CREATE TABLE IF NOT EXISTS logs (id Int64
 
 pub use crate::schema::CHANNEL_TEST_TOKEN_NAME;
 
+/// The gateway's `system_instances` table (2026-06-24 on) as gorm creates it on SQLite: one row
+/// per node, upserted at every heartbeat (30 s).
+pub const SYSTEM_INSTANCES_DDL: &str = "CREATE TABLE `system_instances` (`node_name` varchar(128),\
+    `info` text,`started_at` bigint,`last_seen_at` bigint,`created_at` bigint,`updated_at` bigint,\
+    PRIMARY KEY (`node_name`));\
+    CREATE INDEX `idx_system_instances_updated_at` ON `system_instances`(`updated_at`);\
+    CREATE INDEX `idx_system_instances_created_at` ON `system_instances`(`created_at`);\
+    CREATE INDEX `idx_system_instances_last_seen_at` ON `system_instances`(`last_seen_at`);\
+    CREATE INDEX `idx_system_instances_started_at` ON `system_instances`(`started_at`);";
+
 pub struct Gateway {
     pub conn: Connection,
     tables: Tables,
@@ -193,6 +203,9 @@ impl Gateway {
         let conn = gateway_connection(path)?;
         conn.execute_batch(&tables.ddl())?;
         conn.execute_batch(COMMON_DDL)?;
+        if tables == Tables::NewApiCurrent {
+            conn.execute_batch(SYSTEM_INSTANCES_DDL)?;
+        }
         Ok(Self::on(conn, tables))
     }
 
@@ -209,6 +222,19 @@ impl Gateway {
     /// Opens an existing database that [`Gateway::create`] made.
     pub fn open(path: &Path, tables: Tables) -> Result<Self> {
         Ok(Self::on(gateway_connection(path)?, tables))
+    }
+
+    /// One heartbeat of a node, as the gateway upserts it every 30 s.
+    pub fn heartbeat(&self, node: &str, started_at: i64, now: i64, version: &str) -> Result<()> {
+        let info = format!(r#"{{"version":"{version}","is_master":true}}"#);
+        self.conn.execute(
+            "INSERT INTO system_instances (node_name, info, started_at, last_seen_at, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?4)
+             ON CONFLICT(node_name) DO UPDATE SET info = excluded.info, started_at = excluded.started_at,
+               last_seen_at = excluded.last_seen_at, updated_at = excluded.updated_at",
+            params![node, info, started_at, now],
+        )?;
+        Ok(())
     }
 
     pub fn set_option(&self, key: &str, value: &str) -> Result<()> {

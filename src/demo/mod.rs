@@ -289,9 +289,20 @@ pub fn create_with(path: &Path, history: Duration, seed: u64, tables: Tables) ->
         t += traffic.rng.random_range(1..20);
     }
     gw.flush()?;
+    if tables == Tables::NewApiCurrent {
+        gw.heartbeat(
+            &gw.node_name,
+            now - history.as_secs() as i64,
+            now,
+            DEMO_VERSION,
+        )?;
+    }
     gw.conn.execute_batch("COMMIT")?;
     Ok(())
 }
+
+/// The version the demo gateway's node reports.
+pub const DEMO_VERSION: &str = "v1.0.0-rc.21";
 
 /// Writes live traffic at `rate` requests per second until `stop` is set, one short
 /// transaction per statement as the gateway does, flushing quota_data every interval.
@@ -302,6 +313,8 @@ pub fn write_live(path: &Path, rate: f64, stop: Arc<AtomicBool>, seed: u64) -> R
     let flush_every = Duration::from_secs(DEMO_EXPORT_INTERVAL_MINUTES as u64 * 60);
     let mut last_flush = Instant::now();
     let mut last_channel_event = Instant::now();
+    let mut last_heartbeat: Option<Instant> = None;
+    let started_at = unix_now();
     let mean_gap = 1.0 / rate.max(0.01);
     while !stop.load(Ordering::Relaxed) {
         let u: f64 = traffic.rng.random_range(f64::EPSILON..1.0);
@@ -310,6 +323,13 @@ pub fn write_live(path: &Path, rate: f64, stop: Arc<AtomicBool>, seed: u64) -> R
         let (row, feed) = traffic.request(t);
         if let Err(e) = record(&mut gw, tables, &row, feed, t) {
             tracing::warn!("demo gateway: writing a log row failed: {e:#}");
+        }
+        // The node's heartbeat, every 30 s as the gateway's.
+        if tables == Tables::NewApiCurrent
+            && last_heartbeat.is_none_or(|h| h.elapsed() >= Duration::from_secs(30))
+        {
+            let _ = gw.heartbeat(&gw.node_name, started_at, t, DEMO_VERSION);
+            last_heartbeat = Some(Instant::now());
         }
         if last_flush.elapsed() >= flush_every {
             if let Err(e) = gw.flush() {

@@ -214,6 +214,34 @@ pub const LEDGER_REFUNDS_LOWER_USED_QUOTA: MetricDef = MetricDef {
     otel_name: "newapi.ledger.refunds_lower_used_quota",
     otel_unit: "{boolean}",
 };
+pub const GATEWAY_NODE_UP: MetricDef = MetricDef {
+    name: "newapi_gateway_node_up",
+    help: "1 while the gateway node heartbeats (system_instances.last_seen_at at most 90 s old), 0 once it stopped; nodes seen alive within a day.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.gateway.node.up",
+    otel_unit: "{boolean}",
+};
+pub const GATEWAY_NODE_START_TIME_SECONDS: MetricDef = MetricDef {
+    name: "newapi_gateway_node_start_time_seconds",
+    help: "When the gateway node last started (system_instances.started_at): a change is a restart.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.gateway.node.start_time",
+    otel_unit: "s",
+};
+pub const GATEWAY_NODE_LAST_SEEN_TIMESTAMP_SECONDS: MetricDef = MetricDef {
+    name: "newapi_gateway_node_last_seen_timestamp_seconds",
+    help: "The gateway node's last heartbeat (system_instances.last_seen_at).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.gateway.node.last_seen_timestamp",
+    otel_unit: "s",
+};
+pub const GATEWAY_NODE_INFO: MetricDef = MetricDef {
+    name: "newapi_gateway_node_info",
+    help: "Constant 1 per gateway node, with the version it reports and whether it is the master.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.gateway.node.info",
+    otel_unit: "{info}",
+};
 pub const QUOTA_PER_UNIT: MetricDef = MetricDef {
     name: "newapi_quota_per_unit",
     help: "Quota units per USD (options.QuotaPerUnit, default 500000): USD = quota / this.",
@@ -469,6 +497,10 @@ pub const ALL: &[MetricDef] = &[
     LEDGER_USERS_UNCHARGED_QUOTA,
     LEDGER_WINDOW_END_TIMESTAMP_SECONDS,
     LEDGER_REFUNDS_LOWER_USED_QUOTA,
+    GATEWAY_NODE_UP,
+    GATEWAY_NODE_START_TIME_SECONDS,
+    GATEWAY_NODE_LAST_SEEN_TIMESTAMP_SECONDS,
+    GATEWAY_NODE_INFO,
     CHANNEL_RESPONSE_TIME_SECONDS,
     QUOTA_PER_UNIT,
     LOG_CONSUME_ENABLED,
