@@ -69,20 +69,7 @@ fn promtool_accepts_a_real_scrape() {
     exp.wait_ready(Duration::from_secs(30));
     let (_, body) = exp.get("/metrics");
     assert!(body.contains("newapi_requests_total{"));
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = piped("promtool", &["check", "metrics"], &body);
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -604,20 +591,7 @@ for f in text_string_to_metric_families(sys.stdin.read()):
         out.append([s.name, s.labels, s.value])
 print(json.dumps(out))
 "#;
-    let mut child = Command::new("python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(om.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = piped("python3", &["-c", script], &om);
     assert!(
         out.status.success(),
         "the OpenMetrics parser refused the output: {}",
@@ -644,4 +618,22 @@ print(json.dumps(out))
         .collect();
     assert!(from_text.len() > 100, "{}", from_text.len());
     assert_eq!(from_openmetrics, from_text);
+}
+
+/// Runs `cmd args` with `input` on its standard input.
+fn piped(cmd: &str, args: &[&str], input: &str) -> std::process::Output {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }
