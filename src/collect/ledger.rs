@@ -91,8 +91,10 @@ struct Window {
 pub struct LedgerCollector {
     window_secs: i64,
     rule: RefundRule,
-    /// The rule in force, once decided.
+    /// The rule decided for the current window; `None` until decided (again).
     refunds_lower: Option<bool>,
+    /// The rule the last comparison applied (what the gauge shows).
+    applied_refunds_lower: bool,
     reading_sql: Option<String>,
     max_id_sql: String,
     next_id_sql: String,
@@ -108,6 +110,7 @@ impl LedgerCollector {
             window_secs: window_secs.max(1),
             rule,
             refunds_lower: None,
+            applied_refunds_lower: false,
             reading_sql: None,
             max_id_sql: String::new(),
             next_id_sql: String::new(),
@@ -288,6 +291,7 @@ impl Collector for LedgerCollector {
             return Ok(()); // no used_quota columns, or logs without ids: nothing to compare
         }
         let refunds_lower = self.decide_refunds(src, ctx)?;
+        self.applied_refunds_lower = refunds_lower;
         let now = self.read(src)?;
         let Some(last) = self.last.take() else {
             self.last = Some(now);
@@ -302,17 +306,28 @@ impl Collector for LedgerCollector {
         }
         let logged = match (after, upto) {
             (_, None) => BTreeMap::new(),
-            (a, Some(u)) => self.logged(
-                src,
-                ctx.chunk_rows(),
-                a.unwrap_or(i64::MIN),
-                u,
-                refunds_lower,
-            )?,
+            (a, Some(u)) => {
+                match self.logged(
+                    src,
+                    ctx.chunk_rows(),
+                    a.unwrap_or(i64::MIN),
+                    u,
+                    refunds_lower,
+                ) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        // Keep the last reading: the next poll compares over the longer interval.
+                        self.last = Some(last);
+                        return Err(e);
+                    }
+                }
+            }
         };
         let index = ctx.now.div_euclid(self.window_secs);
         if self.open.as_ref().is_some_and(|w| w.index != index) {
             self.completed = self.open.take();
+            // Gateway nodes may have been upgraded: decide the refund rule again.
+            self.refunds_lower = None;
         }
         let w = self.open.get_or_insert_with(|| Window {
             index,
@@ -377,7 +392,7 @@ impl Collector for LedgerCollector {
         end.sample(&[], ((w.index + 1) * self.window_secs) as f64);
         end.finish(out);
         let mut refunds = Family::of(&m::LEDGER_REFUNDS_LOWER_USED_QUOTA);
-        refunds.sample(&[], f64::from(u8::from(self.refunds_lower == Some(true))));
+        refunds.sample(&[], f64::from(u8::from(self.applied_refunds_lower)));
         refunds.finish(out);
     }
 }
