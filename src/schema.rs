@@ -203,6 +203,8 @@ pub struct Schema {
     pub users: Option<Columns>,
     /// `system_instances` (2026-06-24 on): one row per gateway node.
     pub system_instances: Option<Columns>,
+    /// `tasks`: the gateway's async jobs.
+    pub tasks: Option<Columns>,
 }
 
 impl Schema {
@@ -239,6 +241,7 @@ impl Schema {
         let options = main.table_columns("options")?.map(Columns::new);
         let users = main.table_columns("users")?.map(Columns::new);
         let system_instances = main.table_columns("system_instances")?.map(Columns::new);
+        let tasks = main.table_columns("tasks")?.map(Columns::new);
         let generation = Generation::of(quota_data.as_ref());
         if let (Some(rules), Some(q)) = (generation.rules(), &quota_data) {
             for col in rules.quota_data_key {
@@ -259,6 +262,7 @@ impl Schema {
             options,
             users,
             system_instances,
+            tasks,
         })
     }
 }

@@ -158,6 +158,7 @@ fn a_failing_collector_is_named_by_its_success_gauge() {
         "options",
         "quota_data",
         "reconcile",
+        "tasks",
         "users",
     ]
     .iter()
@@ -165,7 +166,7 @@ fn a_failing_collector_is_named_by_its_success_gauge() {
     .collect();
     assert_eq!(success(&samples), expected);
     let durations = by_collector(&samples, "newapi_exporter_collector_duration_seconds");
-    assert_eq!(durations.len(), 8);
+    assert_eq!(durations.len(), 9);
     assert!(
         durations
             .iter()

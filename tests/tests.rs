@@ -23,4 +23,5 @@ mod recording_health;
 mod robustness;
 mod security;
 mod sqlite_wal;
+mod tasks;
 mod web_config;

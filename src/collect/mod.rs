@@ -13,6 +13,7 @@ pub mod options;
 pub mod plausible;
 pub mod quota_data;
 pub mod recording_health;
+pub mod tasks;
 pub mod users;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -50,6 +51,7 @@ pub fn for_schema(
         Box::new(ChannelsCollector::default()),
         Box::new(users::UsersCollector::default()),
         Box::new(nodes::NodesCollector::default()),
+        Box::new(tasks::TasksCollector::default()),
     ];
     if has_quota_data {
         collectors.push(Box::new(QuotaDataCollector::new(

@@ -170,6 +170,24 @@ pub const CLICKHOUSE_LOGS_DDL: &str = "CREATE TABLE IF NOT EXISTS logs (id Int64
 
 pub use crate::schema::CHANNEL_TEST_TOKEN_NAME;
 
+/// The gateway's `tasks` table (async jobs: video, music, images) as gorm creates it on SQLite.
+pub const TASKS_DDL: &str = "CREATE TABLE `tasks` (`id` integer PRIMARY KEY AUTOINCREMENT,\
+    `created_at` integer,`updated_at` integer,`task_id` varchar(191),`platform` varchar(30),\
+    `user_id` integer,`group` varchar(50),`channel_id` integer,`quota` integer,`action` varchar(40),\
+    `status` varchar(20),`fail_reason` text,`submit_time` integer,`start_time` integer,\
+    `finish_time` integer,`progress` varchar(20),`properties` json,`private_data` json,`data` json);\
+    CREATE INDEX `idx_tasks_created_at` ON `tasks`(`created_at`);\
+    CREATE INDEX `idx_tasks_task_id` ON `tasks`(`task_id`);\
+    CREATE INDEX `idx_tasks_platform` ON `tasks`(`platform`);\
+    CREATE INDEX `idx_tasks_user_id` ON `tasks`(`user_id`);\
+    CREATE INDEX `idx_tasks_channel_id` ON `tasks`(`channel_id`);\
+    CREATE INDEX `idx_tasks_action` ON `tasks`(`action`);\
+    CREATE INDEX `idx_tasks_status` ON `tasks`(`status`);\
+    CREATE INDEX `idx_tasks_submit_time` ON `tasks`(`submit_time`);\
+    CREATE INDEX `idx_tasks_start_time` ON `tasks`(`start_time`);\
+    CREATE INDEX `idx_tasks_finish_time` ON `tasks`(`finish_time`);\
+    CREATE INDEX `idx_tasks_progress` ON `tasks`(`progress`);";
+
 /// The gateway's `system_instances` table (2026-06-24 on) as gorm creates it on SQLite: one row
 /// per node, upserted at every heartbeat (30 s).
 pub const SYSTEM_INSTANCES_DDL: &str = "CREATE TABLE `system_instances` (`node_name` varchar(128),\
@@ -205,6 +223,7 @@ impl Gateway {
         conn.execute_batch(COMMON_DDL)?;
         if tables == Tables::NewApiCurrent {
             conn.execute_batch(SYSTEM_INSTANCES_DDL)?;
+            conn.execute_batch(TASKS_DDL)?;
         }
         Ok(Self::on(conn, tables))
     }
@@ -222,6 +241,24 @@ impl Gateway {
     /// Opens an existing database that [`Gateway::create`] made.
     pub fn open(path: &Path, tables: Tables) -> Result<Self> {
         Ok(Self::on(gateway_connection(path)?, tables))
+    }
+
+    /// The async job a task settlement row closes: the jobs in flight finish at `t` and the
+    /// next one is submitted, as the gateway's task poller moves them.
+    pub fn next_task(&self, platform: &str, user_id: i64, channel_id: i64, t: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE tasks SET status = 'SUCCESS', progress = '100%', finish_time = ?1, updated_at = ?1
+             WHERE status = 'IN_PROGRESS' AND platform = ?2",
+            params![t, platform],
+        )?;
+        self.conn.execute(
+            "INSERT INTO tasks (created_at, updated_at, task_id, platform, user_id, `group`, channel_id,
+               quota, action, status, submit_time, start_time, finish_time, progress)
+             VALUES (?1, ?1, 'task_' || ?1 || '_' || ?2, ?3, ?2, 'default', ?4, 0, 'generate',
+               'IN_PROGRESS', ?1, ?1, 0, '30%')",
+            params![t, user_id, platform, channel_id],
+        )?;
+        Ok(())
     }
 
     /// One heartbeat of a node, as the gateway upserts it every 30 s.

@@ -231,6 +231,12 @@ fn record(gw: &mut Gateway, tables: Tables, row: &LogRow, feed: bool, t: i64) ->
         Tables::NewApiCurrent => row.log_type == LOG_TYPE_CONSUME,
         _ => feed,
     };
+    if tables == Tables::NewApiCurrent
+        && row.model_name == TASK_MODEL
+        && row.log_type == LOG_TYPE_CONSUME
+    {
+        gw.next_task("kling", row.user_id, row.channel_id, t)?;
+    }
     gw.record(row, feed, t)
 }
 

@@ -242,6 +242,27 @@ pub const GATEWAY_NODE_INFO: MetricDef = MetricDef {
     otel_name: "newapi.gateway.node.info",
     otel_unit: "{info}",
 };
+pub const TASKS_IN_FLIGHT: MetricDef = MetricDef {
+    name: "newapi_tasks_in_flight",
+    help: "Async jobs (tasks table) not yet finished, by platform and status.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.tasks.in_flight",
+    otel_unit: "{task}",
+};
+pub const TASKS_OLDEST_IN_FLIGHT_AGE_SECONDS: MetricDef = MetricDef {
+    name: "newapi_tasks_oldest_in_flight_age_seconds",
+    help: "Age of the oldest unfinished async job of the platform (since its submit_time).",
+    kind: Kind::Gauge,
+    otel_name: "newapi.tasks.oldest_in_flight_age",
+    otel_unit: "s",
+};
+pub const TASKS_USUAL_DURATION_SECONDS: MetricDef = MetricDef {
+    name: "newapi_tasks_usual_duration_seconds",
+    help: "Mean time from submission to finish of the platform's async jobs submitted in the last day.",
+    kind: Kind::Gauge,
+    otel_name: "newapi.tasks.usual_duration",
+    otel_unit: "s",
+};
 pub const QUOTA_PER_UNIT: MetricDef = MetricDef {
     name: "newapi_quota_per_unit",
     help: "Quota units per USD (options.QuotaPerUnit, default 500000): USD = quota / this.",
@@ -501,6 +522,9 @@ pub const ALL: &[MetricDef] = &[
     GATEWAY_NODE_START_TIME_SECONDS,
     GATEWAY_NODE_LAST_SEEN_TIMESTAMP_SECONDS,
     GATEWAY_NODE_INFO,
+    TASKS_IN_FLIGHT,
+    TASKS_OLDEST_IN_FLIGHT_AGE_SECONDS,
+    TASKS_USUAL_DURATION_SECONDS,
     CHANNEL_RESPONSE_TIME_SECONDS,
     QUOTA_PER_UNIT,
     LOG_CONSUME_ENABLED,

@@ -1,0 +1,143 @@
+//! Async jobs from `tasks` on SQLite, MariaDB and PostgreSQL, with the table as gorm creates it,
+//! against hand-computed values.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use newapi_exporter::clock::unix_now;
+use newapi_exporter::collect::Settings;
+use newapi_exporter::db::dsn::DbConfig;
+use newapi_exporter::demo::gateway::{Gateway, Tables};
+use newapi_exporter::poll::Pipeline;
+
+use crate::common::engines::{SERVERS, Server, TestDb, admin_dsn};
+use crate::common::*;
+
+/// gorm's `tasks` on MySQL and PostgreSQL (`json` columns as gorm maps them).
+fn ddl(server: Server) -> Vec<&'static str> {
+    match server {
+        Server::Mysql => vec![
+            "CREATE TABLE tasks (id bigint AUTO_INCREMENT, created_at bigint, updated_at bigint, \
+             task_id varchar(191), platform varchar(30), user_id bigint, `group` varchar(50), \
+             channel_id bigint, quota bigint, action varchar(40), status varchar(20), \
+             fail_reason longtext, submit_time bigint, start_time bigint, finish_time bigint, \
+             progress varchar(20), properties JSON, private_data JSON, data JSON, PRIMARY KEY (id), \
+             INDEX idx_tasks_platform (platform), INDEX idx_tasks_status (status), \
+             INDEX idx_tasks_submit_time (submit_time), INDEX idx_tasks_finish_time (finish_time), \
+             INDEX idx_tasks_progress (progress))",
+        ],
+        Server::Postgres => vec![
+            "CREATE TABLE tasks (id bigserial, created_at bigint, updated_at bigint, \
+             task_id varchar(191), platform varchar(30), user_id bigint, \"group\" varchar(50), \
+             channel_id bigint, quota bigint, action varchar(40), status varchar(20), \
+             fail_reason text, submit_time bigint, start_time bigint, finish_time bigint, \
+             progress varchar(20), properties json, private_data json, data json, PRIMARY KEY (id))",
+            "CREATE INDEX idx_tasks_status ON tasks (status)",
+            "CREATE INDEX idx_tasks_submit_time ON tasks (submit_time)",
+        ],
+    }
+}
+
+/// (platform, status, progress, submitted, finished) relative to now.
+fn rows(now: i64) -> Vec<String> {
+    [
+        // kling: two finished in the last day (300 s and 900 s: usual 600 s), one finished two
+        // days ago (not counted), two in flight (the oldest submitted 4,000 s ago), one marked
+        // IN_PROGRESS but at 100% (the gateway counts it as done).
+        ("kling", "SUCCESS", "100%", -5000, -4700),
+        ("kling", "FAILURE", "100%", -3000, -2100),
+        ("kling", "SUCCESS", "100%", -200_000, -190_000),
+        ("kling", "IN_PROGRESS", "40%", -4000, 0),
+        ("kling", "QUEUED", "0%", -100, 0),
+        ("kling", "IN_PROGRESS", "100%", -9000, 0),
+        // suno: one queued, none finished.
+        ("suno", "SUBMITTED", "0%", -60, 0),
+    ]
+    .iter()
+    .map(|(p, st, pr, sub, fin)| {
+        let finish = if *fin == 0 { 0 } else { now + fin };
+        format!(
+            "INSERT INTO tasks (created_at, updated_at, task_id, platform, user_id, channel_id, \
+             quota, action, status, submit_time, start_time, finish_time, progress) \
+             VALUES ({s}, {s}, 't', '{p}', 1, 7, 0, 'generate', '{st}', {s}, {s}, {finish}, '{pr}')",
+            s = now + sub
+        )
+    })
+    .collect()
+}
+
+fn check(samples: &[Sample], what: &str) {
+    let flying = series(samples, "newapi_tasks_in_flight");
+    let expected: Vec<(Labels, f64)> = vec![
+        (
+            labels(&[("platform", "kling"), ("status", "IN_PROGRESS")]),
+            1.0,
+        ),
+        (labels(&[("platform", "kling"), ("status", "QUEUED")]), 1.0),
+        (
+            labels(&[("platform", "suno"), ("status", "SUBMITTED")]),
+            1.0,
+        ),
+    ];
+    let mut got: Vec<(Labels, f64)> = flying.into_iter().collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut want = expected;
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(got, want, "{what}");
+    let age = series(samples, "newapi_tasks_oldest_in_flight_age_seconds");
+    assert_eq!(
+        age.get(&labels(&[("platform", "kling")])),
+        Some(&4000.0),
+        "{what}"
+    );
+    assert_eq!(
+        age.get(&labels(&[("platform", "suno")])),
+        Some(&60.0),
+        "{what}"
+    );
+    let usual = series(samples, "newapi_tasks_usual_duration_seconds");
+    assert_eq!(
+        usual.into_iter().collect::<Vec<_>>(),
+        vec![(labels(&[("platform", "kling")]), 600.0)],
+        "{what}"
+    );
+}
+
+fn poll_at(config: DbConfig, now: i64) -> Vec<Sample> {
+    let mut src = newapi_exporter::db::open(&config, &None).unwrap();
+    let mut p = Pipeline::build(
+        &mut src,
+        Settings::default(),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap();
+    p.poll(&mut src, now).unwrap();
+    scrape_pipeline(&p)
+}
+
+#[test]
+fn async_jobs_are_read_on_every_engine() {
+    let test = "async_jobs_are_read_on_every_engine";
+    let now = unix_now();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    let gw = Gateway::create(&db, Tables::NewApiCurrent).unwrap();
+    for r in rows(now) {
+        gw.conn.execute(&r, []).unwrap();
+    }
+    check(&poll_at(DbConfig::Sqlite(db.clone()), now), "sqlite");
+
+    for server in SERVERS {
+        let Some(admin) = admin_dsn(server, test) else {
+            continue;
+        };
+        let t = TestDb::create_with(server, &admin, "tasks", true);
+        let mut statements: Vec<String> = ddl(server).iter().map(|s| s.to_string()).collect();
+        statements.extend(rows(now));
+        let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
+        t.exec(&refs);
+        let config = DbConfig::from_dsn(Some(&t.dsn), Path::new("unused.db")).unwrap();
+        check(&poll_at(config, now), &format!("{server:?}"));
+    }
+}
