@@ -1,17 +1,9 @@
 //! Gateway nodes from `system_instances` on SQLite, MariaDB and PostgreSQL, with the tables as
 //! gorm creates them, against hand-computed values.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-
 use newapi_exporter::clock::unix_now;
-use newapi_exporter::collect::Settings;
-use newapi_exporter::db::dsn::DbConfig;
-use newapi_exporter::demo::gateway::{Gateway, Tables};
-use newapi_exporter::poll::Pipeline;
 
-use crate::common::engines::{SERVERS, Server, TestDb, admin_dsn};
+use crate::common::engines::Server;
 use crate::common::*;
 
 /// gorm's `system_instances` on MySQL and PostgreSQL.
@@ -105,42 +97,15 @@ fn check(samples: &[Sample], now: i64, what: &str) {
     );
 }
 
-fn poll_at(config: DbConfig, now: i64) -> Vec<Sample> {
-    let mut src = newapi_exporter::db::open(&config, &None).unwrap();
-    let mut p = Pipeline::build(
-        &mut src,
-        Settings::default(),
-        Arc::new(AtomicBool::new(false)),
-    )
-    .unwrap();
-    p.poll(&mut src, now).unwrap();
-    scrape_pipeline(&p)
-}
-
 #[test]
 fn gateway_nodes_are_read_on_every_engine() {
-    let test = "gateway_nodes_are_read_on_every_engine";
     let now = unix_now();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("one-api.db");
-    let gw = Gateway::create(&db, Tables::NewApiCurrent).unwrap();
-    for r in rows(now) {
-        gw.conn.execute(&r, []).unwrap();
-    }
-    check(&poll_at(DbConfig::Sqlite(db.clone()), now), now, "sqlite");
-
-    for server in SERVERS {
-        let Some(admin) = admin_dsn(server, test) else {
-            continue;
-        };
-        let t = TestDb::create_with(server, &admin, "nodes", true);
-        let mut statements: Vec<String> = ddl(server).iter().map(|s| s.to_string()).collect();
-        statements.extend(rows(now));
-        let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
-        t.exec(&refs);
-        let config = DbConfig::from_dsn(Some(&t.dsn), Path::new("unused.db")).unwrap();
-        check(&poll_at(config, now), now, &format!("{server:?}"));
-    }
+    on_every_engine(
+        "gateway_nodes_are_read_on_every_engine",
+        ddl,
+        &rows(now),
+        |c, what| check(&poll_at(c, now), now, what),
+    );
 }
 
 /// Older gateways have no system_instances: no node series, nothing fails.
@@ -148,8 +113,12 @@ fn gateway_nodes_are_read_on_every_engine() {
 fn gateways_without_system_instances_have_no_node_series() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("one-api.db");
-    Gateway::create(&db, Tables::NewApiOlder).unwrap();
-    let samples = poll_at(DbConfig::Sqlite(db), unix_now());
+    newapi_exporter::demo::gateway::Gateway::create(
+        &db,
+        newapi_exporter::demo::gateway::Tables::NewApiOlder,
+    )
+    .unwrap();
+    let samples = poll_at(&newapi_exporter::db::dsn::DbConfig::Sqlite(db), unix_now());
     assert!(series(&samples, "newapi_gateway_node_up").is_empty());
     assert!(series(&samples, "newapi_gateway_node_info").is_empty());
 }

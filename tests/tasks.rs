@@ -1,17 +1,9 @@
 //! Async jobs from `tasks` on SQLite, MariaDB and PostgreSQL, with the table as gorm creates it,
 //! against hand-computed values.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-
 use newapi_exporter::clock::unix_now;
-use newapi_exporter::collect::Settings;
-use newapi_exporter::db::dsn::DbConfig;
-use newapi_exporter::demo::gateway::{Gateway, Tables};
-use newapi_exporter::poll::Pipeline;
 
-use crate::common::engines::{SERVERS, Server, TestDb, admin_dsn};
+use crate::common::engines::Server;
 use crate::common::*;
 
 /// gorm's `tasks` on MySQL and PostgreSQL (`json` columns as gorm maps them).
@@ -104,40 +96,13 @@ fn check(samples: &[Sample], what: &str) {
     );
 }
 
-fn poll_at(config: DbConfig, now: i64) -> Vec<Sample> {
-    let mut src = newapi_exporter::db::open(&config, &None).unwrap();
-    let mut p = Pipeline::build(
-        &mut src,
-        Settings::default(),
-        Arc::new(AtomicBool::new(false)),
-    )
-    .unwrap();
-    p.poll(&mut src, now).unwrap();
-    scrape_pipeline(&p)
-}
-
 #[test]
 fn async_jobs_are_read_on_every_engine() {
-    let test = "async_jobs_are_read_on_every_engine";
     let now = unix_now();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("one-api.db");
-    let gw = Gateway::create(&db, Tables::NewApiCurrent).unwrap();
-    for r in rows(now) {
-        gw.conn.execute(&r, []).unwrap();
-    }
-    check(&poll_at(DbConfig::Sqlite(db.clone()), now), "sqlite");
-
-    for server in SERVERS {
-        let Some(admin) = admin_dsn(server, test) else {
-            continue;
-        };
-        let t = TestDb::create_with(server, &admin, "tasks", true);
-        let mut statements: Vec<String> = ddl(server).iter().map(|s| s.to_string()).collect();
-        statements.extend(rows(now));
-        let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
-        t.exec(&refs);
-        let config = DbConfig::from_dsn(Some(&t.dsn), Path::new("unused.db")).unwrap();
-        check(&poll_at(config, now), &format!("{server:?}"));
-    }
+    on_every_engine(
+        "async_jobs_are_read_on_every_engine",
+        ddl,
+        &rows(now),
+        |c, what| check(&poll_at(c, now), what),
+    );
 }

@@ -388,3 +388,47 @@ pub fn scrape_pipeline(p: &newapi_exporter::poll::Pipeline) -> Vec<Sample> {
         .unwrap();
     parse_metrics(&text)
 }
+
+/// One poll at time `now` of a fresh pipeline on the database `config` names, rendered.
+pub fn poll_at(config: &newapi_exporter::db::dsn::DbConfig, now: i64) -> Vec<Sample> {
+    let mut src = newapi_exporter::db::open(config, &None).unwrap();
+    let mut p = newapi_exporter::poll::Pipeline::build(
+        &mut src,
+        newapi_exporter::collect::Settings::default(),
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )
+    .unwrap();
+    p.poll(&mut src, now).unwrap();
+    scrape_pipeline(&p)
+}
+
+/// Runs `check` on a current-generation SQLite gateway, then on MariaDB and PostgreSQL (when
+/// configured), each with `rows` inserted after the tables `ddl` creates on that server.
+pub fn on_every_engine(
+    test: &str,
+    ddl: fn(engines::Server) -> Vec<&'static str>,
+    rows: &[String],
+    check: impl Fn(&newapi_exporter::db::dsn::DbConfig, &str),
+) {
+    use newapi_exporter::db::dsn::DbConfig;
+    use newapi_exporter::demo::gateway::{Gateway, Tables};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one-api.db");
+    let gw = Gateway::create(&db, Tables::NewApiCurrent).unwrap();
+    for r in rows {
+        gw.conn.execute(r, []).unwrap();
+    }
+    check(&DbConfig::Sqlite(db.clone()), "sqlite");
+    for server in engines::SERVERS {
+        let Some(admin) = engines::admin_dsn(server, test) else {
+            continue;
+        };
+        let t = engines::TestDb::create_with(server, &admin, "engine", true);
+        let mut statements: Vec<String> = ddl(server).iter().map(|s| s.to_string()).collect();
+        statements.extend(rows.iter().cloned());
+        let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
+        t.exec(&refs);
+        let config = DbConfig::from_dsn(Some(&t.dsn), std::path::Path::new("unused.db")).unwrap();
+        check(&config, &format!("{server:?}"));
+    }
+}
