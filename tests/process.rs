@@ -18,9 +18,11 @@ fn usage_series(samples: &[Sample]) -> Vec<Sample> {
     let mut v: Vec<_> = samples
         .iter()
         .filter(|s| {
+            // Ages follow the clock, not the data.
             s.name.starts_with("newapi_")
                 && !s.name.starts_with("newapi_exporter_")
                 && s.name != "newapi_up"
+                && !s.name.ends_with("_age_seconds")
         })
         .cloned()
         .collect();
