@@ -273,18 +273,9 @@ pub(crate) fn check_usage_against_sql(db: &Path, received: &Received) {
 
 #[test]
 fn http_protobuf_export_matches_sql_and_carries_the_resource() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = fixture(dir.path());
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let (_rt, received) = http_receiver(port);
-    let exp = Running::start_with_env(
-        &["--sqlite-path", db.to_str().unwrap()],
+    let h = http_export(
+        &[],
         &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{port}")),
-            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
             (
                 "OTEL_RESOURCE_ATTRIBUTES",
                 "deployment.environment.name=ci,team=llm-platform",
@@ -292,21 +283,19 @@ fn http_protobuf_export_matches_sql_and_carries_the_resource() {
             ("OTEL_SERVICE_NAME", "gateway-exporter-test"),
         ],
     );
-    exp.wait_ready(Duration::from_secs(30));
+    let (received, exp, db) = (&h.received, &h.exp, &h.db);
     wait_for("an export with usage", || {
-        latest(&received)
-            .keys()
-            .any(|(n, _)| n == "newapi.requests")
+        latest(received).keys().any(|(n, _)| n == "newapi.requests")
     });
     std::thread::sleep(Duration::from_millis(700)); // one more export after readiness
-    check_against_sql(&db, &received);
-    let r = resource_attrs(&received);
+    check_against_sql(db, received);
+    let r = resource_attrs(received);
     assert_eq!(r["service.name"], "gateway-exporter-test");
     assert_eq!(r["deployment.environment.name"], "ci");
     assert_eq!(r["team"], "llm-platform");
     // Every counter the Prometheus side serves has its OTLP twin.
     let names: std::collections::BTreeSet<String> =
-        exported_metrics(&received).into_keys().collect();
+        exported_metrics(received).into_keys().collect();
     for def in newapi_exporter::metrics::ALL {
         let scraped = exp.scrape().iter().any(|s| s.name.starts_with(def.name));
         if scraped {
