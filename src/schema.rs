@@ -205,6 +205,10 @@ pub struct Schema {
     pub system_instances: Option<Columns>,
     /// `tasks`: the gateway's async jobs.
     pub tasks: Option<Columns>,
+    /// `perf_metrics`: per (model, group, hour) request outcomes and latency, written by default.
+    pub perf_metrics: Option<Columns>,
+    /// `midjourneys`: the gateway's Midjourney jobs.
+    pub midjourneys: Option<Columns>,
 }
 
 impl Schema {
@@ -242,6 +246,8 @@ impl Schema {
         let users = main.table_columns("users")?.map(Columns::new);
         let system_instances = main.table_columns("system_instances")?.map(Columns::new);
         let tasks = main.table_columns("tasks")?.map(Columns::new);
+        let perf_metrics = main.table_columns("perf_metrics")?.map(Columns::new);
+        let midjourneys = main.table_columns("midjourneys")?.map(Columns::new);
         let generation = Generation::of(quota_data.as_ref());
         if let (Some(rules), Some(q)) = (generation.rules(), &quota_data) {
             for col in rules.quota_data_key {
@@ -263,6 +269,8 @@ impl Schema {
             users,
             system_instances,
             tasks,
+            perf_metrics,
+            midjourneys,
         })
     }
 }

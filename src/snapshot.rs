@@ -42,6 +42,20 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Before the first poll: the landing page already names the database (passwords masked).
+    pub fn starting(database: &str) -> Self {
+        let snapshot = Snapshot {
+            status: Status {
+                database: database.to_string(),
+                ..Status::default()
+            },
+            ..Snapshot::default()
+        };
+        Shared {
+            snapshot: RwLock::new(Arc::new(snapshot)),
+        }
+    }
+
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot
             .read()

@@ -156,6 +156,7 @@ fn a_failing_collector_is_named_by_its_success_gauge() {
         "logs",
         "nodes",
         "options",
+        "perf_metrics",
         "quota_data",
         "reconcile",
         "tasks",
@@ -166,7 +167,7 @@ fn a_failing_collector_is_named_by_its_success_gauge() {
     .collect();
     assert_eq!(success(&samples), expected);
     let durations = by_collector(&samples, "newapi_exporter_collector_duration_seconds");
-    assert_eq!(durations.len(), 9);
+    assert_eq!(durations.len(), 10);
     assert!(
         durations
             .iter()

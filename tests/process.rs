@@ -604,17 +604,26 @@ print(json.dumps(out))
     let moving = |name: &str| {
         name.starts_with("process_") || name.starts_with("newapi_exporter_") || name == "newapi_up"
     };
+    // OpenMetrics writes bucket bounds as canonical floats (`le="1.0"`), the text format as
+    // the shortest form (`le="1"`): compared as numbers.
+    let canonical = |mut l: std::collections::BTreeMap<String, String>| {
+        if let Some(le) = l.get_mut("le")
+            && let Ok(v) = le.parse::<f64>()
+        {
+            *le = v.to_string();
+        }
+        l
+    };
     let from_openmetrics: std::collections::BTreeSet<String> = parsed
         .iter()
         .filter(|(n, _, _)| !moving(n) && !n.ends_with("_created"))
-        .map(|(n, l, v)| format!("{n}{l:?} {v}"))
+        .map(|(n, l, v)| format!("{n}{:?} {v}", canonical(l.clone())))
         .collect();
     let from_text: std::collections::BTreeSet<String> = parse_metrics(&text)
         .iter()
         .filter(|s| !moving(&s.name))
         .map(|s| {
-            let l: std::collections::BTreeMap<String, String> =
-                s.labels.clone().into_iter().collect();
+            let l = canonical(s.labels.clone().into_iter().collect());
             format!("{}{l:?} {}", s.name, s.value)
         })
         .collect();

@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod logs;
 pub mod nodes;
 pub mod options;
+pub mod perf;
 pub mod plausible;
 pub mod quota_data;
 pub mod recording_health;
@@ -52,6 +53,7 @@ pub fn for_schema(
         Box::new(users::UsersCollector::default()),
         Box::new(nodes::NodesCollector::default()),
         Box::new(tasks::TasksCollector::default()),
+        Box::new(perf::PerfCollector::new(settings.labels.max_series)),
     ];
     if has_quota_data {
         collectors.push(Box::new(QuotaDataCollector::new(
@@ -259,6 +261,12 @@ impl Context {
             now: 0,
             stop,
         }
+    }
+
+    /// Whether this is the one read of a one-shot command (`reconcile`, `backfill`): a fixed
+    /// range, usually all history, read once.
+    pub fn one_shot(&self) -> bool {
+        self.settings.fixed_range.is_some()
     }
 
     pub fn chunk_rows(&self) -> i64 {

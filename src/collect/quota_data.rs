@@ -19,7 +19,7 @@ use super::{Admission, Collector, Context, OTHER};
 use crate::clock::{HOUR, hour_of};
 use crate::db::{Database, Dialect, Sources, Value};
 use crate::metrics::{self as m, Family};
-use crate::reconcile::{Hourly, PairKey, QdHour};
+use crate::reconcile::{FastMap, Hourly, Name, PairKey, QdHour};
 
 /// Hours re-read by one statement.
 const LIVE_CHUNK_HOURS: i64 = 6;
@@ -54,21 +54,13 @@ impl Totals {
     }
 }
 
-/// (hour, pair, node_name): the gateway's key of one quota_data row, one row per key when
-/// healthy. The pair always carries the username; on the older generation its channel,
+/// (pair, node_name): with the hour, the gateway's key of one quota_data row, one row per key
+/// when healthy. The pair always carries the username; on the older generation its channel,
 /// group and token stay empty and the node is empty.
-type RowKey = (i64, PairKey, String);
+type RowKey = (PairKey, Name);
 
-/// The first key of an hour, for splitting the live rows by hour.
-fn first_key(hour: i64) -> RowKey {
-    let pair = PairKey {
-        user_id: i64::MIN,
-        token_id: i64::MIN,
-        channel_id: i64::MIN,
-        ..PairKey::default()
-    };
-    (hour, pair, String::new())
-}
+/// The live rows: by hour in order (hours are split off as they freeze), then by key.
+type LiveHours = BTreeMap<i64, FastMap<RowKey, LiveRow>>;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct LiveRow {
@@ -95,7 +87,7 @@ pub struct QuotaDataCollector {
     cursor: i64,
     frozen: HashMap<String, Totals>,
     frozen_newest_hour: HashMap<String, i64>,
-    live: BTreeMap<RowKey, LiveRow>,
+    live: LiveHours,
     /// What the counters last showed: they never go down, even if a row does.
     emitted: BTreeMap<String, Totals>,
     admission: Admission,
@@ -260,7 +252,7 @@ impl QuotaDataCollector {
         }
         let b = bounds.first();
         let min = b.and_then(|r| r.first()).and_then(Value::as_i64);
-        let mut live = BTreeMap::new();
+        let mut live = LiveHours::new();
         let mut implausible = false;
         // Statements cover LIVE_CHUNK_HOURS each, and skip to the next hour that has rows: the
         // number of statements follows the rows present, not the span between two values.
@@ -271,29 +263,37 @@ impl QuotaDataCollector {
                 .min(until);
             let rows = db.query(&self.live_sql, &[Value::Int(chunk_from), Value::Int(to)])?;
             for r in rows {
-                let n = |i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
-                let text = |i: usize| r.get(i).map(Value::to_label).unwrap_or_default();
-                implausible |= n(12) > 0;
-                if n(8) == 0 {
+                let n = |r: &[Value], i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
+                implausible |= n(&r, 12) > 0;
+                if n(&r, 8) == 0 {
                     continue;
                 }
+                let (hour, rows, totals) = (
+                    hour_of(n(&r, 0)),
+                    n(&r, 8),
+                    Totals {
+                        requests: n(&r, 9),
+                        quota: n(&r, 10),
+                        tokens: n(&r, 11),
+                    },
+                );
+                let (user_id, channel_id, token_id) = (n(&r, 1), n(&r, 6), n(&r, 5));
+                let names = &mut ctx.recording.names;
+                let mut text =
+                    |i: usize| names.get(&r.get(i).map(Value::label_ref).unwrap_or_default());
                 let pair = PairKey {
-                    user_id: n(1),
+                    user_id,
+                    channel_id,
+                    token_id,
                     model: text(3),
-                    channel_id: n(6),
                     group: text(4),
-                    token_id: n(5),
                     username: text(2),
                 };
-                let key = (hour_of(n(0)), pair, text(7));
-                ctx.count_rows("quota_data", n(8).max(0) as u64);
-                let e: &mut LiveRow = live.entry(key).or_default();
-                e.rows += n(8);
-                e.totals.add(&Totals {
-                    requests: n(9),
-                    quota: n(10),
-                    tokens: n(11),
-                });
+                let key = (pair, text(7));
+                ctx.count_rows("quota_data", rows.max(0) as u64);
+                let e: &mut LiveRow = live.entry(hour).or_default().entry(key).or_default();
+                e.rows += rows;
+                e.totals.add(&totals);
             }
             next = first_int(&db.query(&self.next_time_sql, &[Value::Int(to), Value::Int(until)])?);
         }
@@ -319,7 +319,7 @@ impl QuotaDataCollector {
         }
         // Only now, with everything read, does the new state replace the old one.
         self.live_fingerprint = Some(fingerprint);
-        let before = self.live.split_off(&first_key(from));
+        let before = self.live.split_off(&from);
         let changed = live != before;
         self.live.append(&mut live);
         Ok(changed)
@@ -338,16 +338,18 @@ impl QuotaDataCollector {
         if below <= self.frozen_below {
             return false;
         }
-        let moved = self.live.keys().next().is_some_and(|k| k.0 < below);
-        let keep = self.live.split_off(&first_key(below));
-        for ((hour, pair, _), row) in std::mem::replace(&mut self.live, keep) {
-            let model = pair.model;
-            self.frozen
-                .entry(model.clone())
-                .or_default()
-                .add(&row.totals);
-            let newest = self.frozen_newest_hour.entry(model).or_insert(i64::MIN);
-            *newest = (*newest).max(hour);
+        let moved = self.live.keys().next().is_some_and(|h| *h < below);
+        let keep = self.live.split_off(&below);
+        for (hour, rows) in std::mem::replace(&mut self.live, keep) {
+            for ((pair, _), row) in rows {
+                let model = pair.model.to_string();
+                self.frozen
+                    .entry(model.clone())
+                    .or_default()
+                    .add(&row.totals);
+                let newest = self.frozen_newest_hour.entry(model).or_insert(i64::MIN);
+                *newest = (*newest).max(hour);
+            }
         }
         self.frozen_below = below;
         moved
@@ -413,19 +415,31 @@ impl Collector for QuotaDataCollector {
             .collect();
         let mut current: BTreeMap<String, Totals> =
             self.frozen.iter().map(|(m, t)| (m.clone(), *t)).collect();
-        for ((hour, pair, _), row) in &self.live {
+        for ((hour, pair), row) in self
+            .live
+            .iter()
+            .flat_map(|(h, rows)| rows.iter().map(move |((p, _), r)| ((*h, p), r)))
+        {
             let model = &pair.model;
-            current.entry(model.clone()).or_default().add(&row.totals);
-            let newest = rec
-                .qd_model_newest_hour
-                .entry(model.clone())
-                .or_insert(*hour);
-            *newest = (*newest).max(*hour);
-            if *hour < live_until {
+            // Looked up before inserting: a clone of the model per row would dominate a
+            // full-history read.
+            match current.get_mut(&**model) {
+                Some(t) => t.add(&row.totals),
+                None => {
+                    current.insert(model.to_string(), row.totals);
+                }
+            }
+            match rec.qd_model_newest_hour.get_mut(&**model) {
+                Some(newest) => *newest = (*newest).max(hour),
+                None => {
+                    rec.qd_model_newest_hour.insert(model.to_string(), hour);
+                }
+            }
+            if hour < live_until {
                 let q = if self.per_channel {
-                    qd_hourly.hour_mut(pair, *hour)
+                    qd_hourly.hour_mut(pair, hour)
                 } else {
-                    qd_hourly.hour_mut(&PairKey::user_model(pair.user_id, model), *hour)
+                    qd_hourly.hour_mut(&PairKey::user_model(pair.user_id, model), hour)
                 };
                 q.rows += row.rows;
                 q.extra_rows += row.rows - 1;

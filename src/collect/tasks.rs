@@ -3,9 +3,11 @@
 //! takes. Jobs that stay unfinished far longer than usual mean the master's task poller stopped:
 //! nothing is settled or refunded.
 //!
-//! Two short statements per poll, both through the gateway's indexes: the unfinished statuses
-//! (an IN list on `status`) and the jobs submitted in the last day (`submit_time`). `platform`
-//! and `status` take the gateway's own small sets of values.
+//! Two short statements per poll and table, both through the gateway's indexes: the unfinished
+//! statuses (an IN list on `status`) and the jobs submitted in the last day (`submit_time`).
+//! `platform` and `status` take the gateway's own small sets of values. Midjourney jobs live in
+//! a table of their own, `midjourneys`, without a platform column and with times in
+//! milliseconds: they show as platform `midjourney`.
 
 use std::collections::BTreeMap;
 
@@ -18,8 +20,29 @@ use crate::metrics::{self as m, Family};
 
 /// The gateway's statuses of a job not yet settled.
 pub const UNFINISHED: [&str; 5] = ["NOT_START", "SUBMITTED", "QUEUED", "IN_PROGRESS", "UNKNOWN"];
+/// The statuses of a Midjourney job not yet settled (`MODAL`: waiting for the user's input).
+pub const MJ_UNFINISHED: [&str; 6] = [
+    "NOT_START",
+    "SUBMITTED",
+    "MODAL",
+    "IN_PROGRESS",
+    "UNKNOWN",
+    "",
+];
+/// The platform label of Midjourney jobs.
+pub const MJ_PLATFORM: &str = "midjourney";
 /// Jobs finished within this span make the usual duration.
 const USUAL_SPAN_SECS: i64 = 86_400;
+/// Midjourney times are milliseconds; a value below this is taken as seconds.
+const MS_FROM: i64 = 100_000_000_000;
+
+fn quoted(values: &[&str]) -> String {
+    values
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 #[derive(Debug, Default)]
 pub struct TasksCollector {
@@ -32,12 +55,16 @@ pub struct TasksCollector {
     read_at: i64,
 }
 
-impl Collector for TasksCollector {
-    fn name(&self) -> &'static str {
-        "tasks"
-    }
-
-    fn poll(&mut self, src: &mut Sources, ctx: &mut Context) -> Result<()> {
+impl TasksCollector {
+    /// Jobs of `tasks`, by their platform.
+    fn read_tasks(
+        &self,
+        src: &mut Sources,
+        ctx: &mut Context,
+        in_flight: &mut BTreeMap<(String, String), i64>,
+        oldest: &mut BTreeMap<String, i64>,
+        usual: &mut BTreeMap<String, f64>,
+    ) -> Result<()> {
         let Some(cols) = &ctx.schema.tasks else {
             return Ok(());
         };
@@ -62,12 +89,11 @@ impl Collector for TasksCollector {
             d.ident("finish_time"),
             d.ident("progress"),
         );
-        let statuses: Vec<String> = UNFINISHED.iter().map(|s| format!("'{s}'")).collect();
         let flying = db.query(
             &format!(
                 "SELECT {platform}, {status}, COUNT(*), MIN({submit}) FROM tasks \
                  WHERE {status} IN ({}) AND {progress} <> '100%' GROUP BY 1, 2",
-                statuses.join(", ")
+                quoted(&UNFINISHED)
             ),
             &[],
         )?;
@@ -81,11 +107,9 @@ impl Collector for TasksCollector {
         )?;
         let text = |r: &[Value], i: usize| r.get(i).map(Value::to_label).unwrap_or_default();
         let int = |r: &[Value], i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
-        let mut in_flight = BTreeMap::new();
-        let mut oldest: BTreeMap<String, i64> = BTreeMap::new();
         for r in &flying {
             let p = text(r, 0);
-            in_flight.insert((p.clone(), text(r, 1)), int(r, 2));
+            *in_flight.entry((p.clone(), text(r, 1))).or_default() += int(r, 2);
             // A job without a submit time says nothing about its age.
             let submitted = int(r, 3);
             if submitted > 0 {
@@ -93,7 +117,6 @@ impl Collector for TasksCollector {
                 *e = (*e).min(submitted);
             }
         }
-        let mut usual = BTreeMap::new();
         for r in &finished {
             let n = int(r, 1);
             if n > 0 {
@@ -101,6 +124,89 @@ impl Collector for TasksCollector {
             }
         }
         ctx.count_rows("tasks", (flying.len() + finished.len()) as u64);
+        Ok(())
+    }
+
+    /// Midjourney jobs, as platform `midjourney`, added to what `tasks` gave.
+    fn read_midjourneys(
+        &self,
+        src: &mut Sources,
+        ctx: &mut Context,
+        in_flight: &mut BTreeMap<(String, String), i64>,
+        oldest: &mut BTreeMap<String, i64>,
+        usual: &mut BTreeMap<String, f64>,
+    ) -> Result<()> {
+        let Some(cols) = &ctx.schema.midjourneys else {
+            return Ok(());
+        };
+        if !["status", "progress", "submit_time", "finish_time"]
+            .iter()
+            .all(|c| cols.has(c))
+        {
+            return Ok(());
+        }
+        let db = src.main();
+        let d = db.dialect();
+        let (status, submit, finish, progress) = (
+            d.ident("status"),
+            d.ident("submit_time"),
+            d.ident("finish_time"),
+            d.ident("progress"),
+        );
+        let flying = db.query(
+            &format!(
+                "SELECT {status}, COUNT(*), MIN({submit}) FROM midjourneys \
+                 WHERE {status} IN ({}) AND {progress} <> '100%' GROUP BY 1",
+                quoted(&MJ_UNFINISHED)
+            ),
+            &[],
+        )?;
+        let finished = db.query(
+            &format!(
+                "SELECT COUNT(*), {} FROM midjourneys WHERE {submit} >= ? \
+                 AND {status} IN ('SUCCESS', 'FAILURE') AND {finish} >= {submit}",
+                d.sum_int(&format!("{finish} - {submit}"))
+            ),
+            &[Value::Int((ctx.now - USUAL_SPAN_SECS).saturating_mul(1000))],
+        )?;
+        ctx.count_rows("midjourneys", (flying.len() + finished.len()) as u64);
+        let text = |r: &[Value], i: usize| r.get(i).map(Value::to_label).unwrap_or_default();
+        let int = |r: &[Value], i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
+        let seconds = |t: i64| if t >= MS_FROM { t / 1000 } else { t };
+        for r in &flying {
+            *in_flight
+                .entry((MJ_PLATFORM.to_string(), text(r, 0)))
+                .or_default() += int(r, 1);
+            let submitted = seconds(int(r, 2));
+            if submitted > 0 {
+                let e = oldest.entry(MJ_PLATFORM.to_string()).or_insert(submitted);
+                *e = (*e).min(submitted);
+            }
+        }
+        if let Some(r) = finished.first()
+            && int(r, 0) > 0
+        {
+            usual.insert(
+                MJ_PLATFORM.to_string(),
+                int(r, 1) as f64 / 1000.0 / int(r, 0) as f64,
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Collector for TasksCollector {
+    fn name(&self) -> &'static str {
+        "tasks"
+    }
+
+    fn poll(&mut self, src: &mut Sources, ctx: &mut Context) -> Result<()> {
+        // All or nothing: the state changes once both tables are read.
+        let mut in_flight = BTreeMap::new();
+        let mut oldest = BTreeMap::new();
+        let mut usual = BTreeMap::new();
+        self.read_tasks(src, ctx, &mut in_flight, &mut oldest, &mut usual)?;
+        self.read_midjourneys(src, ctx, &mut in_flight, &mut oldest, &mut usual)?;
         (self.in_flight, self.oldest, self.usual) = (in_flight, oldest, usual);
         self.read_at = ctx.now;
         Ok(())

@@ -39,20 +39,20 @@ pub fn plan(
             let p = &deficit.pair;
             let (username, channel_key) = if per_channel {
                 let key = ChannelKey {
-                    use_group: p.group.clone(),
+                    use_group: p.group.to_string(),
                     token_id: p.token_id,
                     channel_id: p.channel_id,
                 };
-                (p.username.clone(), Some(key))
+                (p.username.to_string(), Some(key))
             } else {
-                let key = (deficit.hour, p.user_id, p.model.clone());
+                let key = (deficit.hour, p.user_id, p.model.to_string());
                 (usernames.get(&key).cloned().unwrap_or_default(), None)
             };
             QuotaDataAddition {
                 hour: deficit.hour,
                 user_id: p.user_id,
                 username,
-                model: p.model.clone(),
+                model: p.model.to_string(),
                 requests: deficit.amount.requests,
                 quota: deficit.amount.quota,
                 tokens: deficit.tokens,
@@ -72,7 +72,7 @@ fn usernames(src: &mut Sources, report: &Report) -> Result<HashMap<(i64, i64, St
     let wanted: HashSet<(i64, i64, String)> = report
         .deficits
         .iter()
-        .map(|d| (d.hour, d.pair.user_id, d.pair.model.clone()))
+        .map(|d| (d.hour, d.pair.user_id, d.pair.model.to_string()))
         .collect();
     let hours: BTreeSet<i64> = wanted.iter().map(|k| k.0).collect();
     let mut spans: Vec<(i64, i64)> = Vec::new();

@@ -85,7 +85,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
 
 /// Serves metrics until SIGINT or SIGTERM, then stops the poll thread and sets `stop`.
 async fn serve(web: &WebArgs, mut poller: Poller, stop: Arc<AtomicBool>) -> Result<()> {
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared::starting(poller.database()));
     let otlp_settings = otlp::settings(web.otlp_endpoint.as_deref())?;
     let mut listeners = Vec::new();
     for addr in &web.listen_address {

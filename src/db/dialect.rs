@@ -35,6 +35,54 @@ impl Dialect {
         }
     }
 
+    /// The whole number stored under `"key":` in a JSON text column, or -1 where the text has
+    /// none. Read as text, not parsed as JSON: the gateway's `other` column is not always valid
+    /// JSON (empty on old rows), and a JSON function would fail the whole statement on MySQL and
+    /// PostgreSQL. The gateway writes it compactly (`"frt":1234`), as Go's encoder does.
+    pub fn json_int(&self, column: &str, key: &str) -> String {
+        let needle = format!("\"{key}\":");
+        // 1-based position of the first character after the needle.
+        let at = format!("instr({column}, '{needle}') + {}", needle.len());
+        match self.0 {
+            // CAST takes the leading digits of what follows.
+            // A missing needle makes the position NULL, and the test false.
+            Engine::Sqlite => format!(
+                "CASE WHEN substr({column}, NULLIF(instr({column}, '{needle}'), 0) + {n}, 1) \
+                 BETWEEN '0' AND '9' THEN CAST(substr({column}, {at}, 16) AS INTEGER) ELSE -1 END",
+                n = needle.len()
+            ),
+            Engine::Mysql => format!(
+                "CASE WHEN LOCATE('{needle}', {column}) > 0 THEN COALESCE(CAST(NULLIF(REGEXP_SUBSTR(\
+                 SUBSTRING({column}, LOCATE('{needle}', {column}) + {n}, 16), '^[0-9]{{1,15}}'), '') \
+                 AS SIGNED), -1) ELSE -1 END",
+                n = needle.len()
+            ),
+            Engine::Postgres => format!(
+                "COALESCE(CAST(substring({column} from '\"{key}\":([0-9]{{1,15}})') AS BIGINT), -1)"
+            ),
+            Engine::Clickhouse => format!(
+                "if(match({column}, '\"{key}\":[0-9]'), \
+                 toInt64OrZero(extract({column}, '\"{key}\":([0-9]{{1,15}})')), -1)"
+            ),
+        }
+    }
+
+    /// What ends a subquery in FROM so that the planner runs it on its own, each expression
+    /// of its select list once per row, rather than merging it into the outer query (which
+    /// copies those expressions into every place that uses them).
+    pub fn fence(&self) -> &'static str {
+        match self.0 {
+            // An OFFSET keeps SQLite from flattening the subquery (it runs as a co-routine).
+            Engine::Sqlite => " LIMIT -1 OFFSET 0",
+            // A LIMIT makes MySQL and MariaDB materialize a derived table instead of merging it.
+            Engine::Mysql => " LIMIT 18446744073709551615",
+            // OFFSET 0 keeps PostgreSQL from pulling the subquery up.
+            Engine::Postgres => " OFFSET 0",
+            // ClickHouse computes an expression used several times once.
+            Engine::Clickhouse => "",
+        }
+    }
+
     /// A text column as a grouping key that keeps values apart byte for byte: MySQL's default
     /// collations fold case and trailing spaces, which would merge distinct model names.
     pub fn text_key(&self, expr: &str) -> String {

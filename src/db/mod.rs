@@ -59,6 +59,15 @@ impl Value {
             Value::Text(s) => s.clone(),
         }
     }
+
+    /// [`Value::to_label`] without a copy of text.
+    pub fn label_ref(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Value::Text(s) => std::borrow::Cow::Borrowed(s),
+            Value::Null => std::borrow::Cow::Borrowed(""),
+            other => std::borrow::Cow::Owned(other.to_label()),
+        }
+    }
 }
 
 pub type Row = Vec<Value>;

@@ -188,6 +188,33 @@ pub const TASKS_DDL: &str = "CREATE TABLE `tasks` (`id` integer PRIMARY KEY AUTO
     CREATE INDEX `idx_tasks_finish_time` ON `tasks`(`finish_time`);\
     CREATE INDEX `idx_tasks_progress` ON `tasks`(`progress`);";
 
+/// The gateway's `midjourneys` table as gorm creates it on SQLite (times in milliseconds).
+pub const MIDJOURNEYS_DDL: &str = "CREATE TABLE `midjourneys` (`id` integer PRIMARY KEY AUTOINCREMENT,\
+    `code` integer,`user_id` integer,`action` varchar(40),`mj_id` text,`prompt` text,`prompt_en` text,\
+    `description` text,`state` text,`submit_time` integer,`start_time` integer,`finish_time` integer,\
+    `image_url` text,`video_url` text,`video_urls` text,`status` varchar(20),`progress` varchar(30),\
+    `fail_reason` text,`channel_id` integer,`quota` integer,`token_id` integer DEFAULT 0,\
+    `billing_channel_id` integer DEFAULT 0,`buttons` text,`properties` text);\
+    CREATE INDEX `idx_midjourneys_user_id` ON `midjourneys`(`user_id`);\
+    CREATE INDEX `idx_midjourneys_action` ON `midjourneys`(`action`);\
+    CREATE INDEX `idx_midjourneys_mj_id` ON `midjourneys`(`mj_id`);\
+    CREATE INDEX `idx_midjourneys_submit_time` ON `midjourneys`(`submit_time`);\
+    CREATE INDEX `idx_midjourneys_start_time` ON `midjourneys`(`start_time`);\
+    CREATE INDEX `idx_midjourneys_finish_time` ON `midjourneys`(`finish_time`);\
+    CREATE INDEX `idx_midjourneys_status` ON `midjourneys`(`status`);\
+    CREATE INDEX `idx_midjourneys_progress` ON `midjourneys`(`progress`);";
+
+/// The gateway's `perf_metrics` table as gorm creates it on SQLite: per (model, channel, group,
+/// hour) request, success and latency sums, added to by each node's flush (rows written before
+/// the channel column came have it NULL).
+pub const PERF_METRICS_DDL: &str = "CREATE TABLE `perf_metrics` (`id` integer PRIMARY KEY AUTOINCREMENT,\
+    `model_name` text,`channel_id` integer,`group` text,`bucket_ts` integer,\
+    `request_count` integer DEFAULT 0,`success_count` integer DEFAULT 0,\
+    `total_latency_ms` integer DEFAULT 0,`ttft_sum_ms` integer DEFAULT 0,`ttft_count` integer DEFAULT 0,\
+    `output_tokens` integer DEFAULT 0,`generation_ms` integer DEFAULT 0);\
+    CREATE UNIQUE INDEX `idx_perf_model_channel_group_bucket` ON `perf_metrics`(`model_name`,`channel_id`,`group`,`bucket_ts`);\
+    CREATE INDEX `idx_perf_bucket_ts` ON `perf_metrics`(`bucket_ts`);";
+
 /// The gateway's `system_instances` table (2026-06-24 on) as gorm creates it on SQLite: one row
 /// per node, upserted at every heartbeat (30 s).
 pub const SYSTEM_INSTANCES_DDL: &str = "CREATE TABLE `system_instances` (`node_name` varchar(128),\
@@ -224,6 +251,8 @@ impl Gateway {
         if tables == Tables::NewApiCurrent {
             conn.execute_batch(SYSTEM_INSTANCES_DDL)?;
             conn.execute_batch(TASKS_DDL)?;
+            conn.execute_batch(PERF_METRICS_DDL)?;
+            conn.execute_batch(MIDJOURNEYS_DDL)?;
         }
         Ok(Self::on(conn, tables))
     }
@@ -257,6 +286,29 @@ impl Gateway {
              VALUES (?1, ?1, 'task_' || ?1 || '_' || ?2, ?3, ?2, 'default', ?4, 0, 'generate',
                'IN_PROGRESS', ?1, ?1, 0, '30%')",
             params![t, user_id, platform, channel_id],
+        )?;
+        Ok(())
+    }
+
+    /// One request's outcome and latency, added to its hour's `perf_metrics` row the way a
+    /// node's flush upserts it.
+    pub fn perf_sample(&self, row: &LogRow, success: bool) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO perf_metrics (model_name, channel_id, `group`, bucket_ts, request_count,
+               success_count, total_latency_ms)
+             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6)
+             ON CONFLICT(model_name, channel_id, `group`, bucket_ts) DO UPDATE SET
+               request_count = perf_metrics.request_count + 1,
+               success_count = perf_metrics.success_count + excluded.success_count,
+               total_latency_ms = perf_metrics.total_latency_ms + excluded.total_latency_ms",
+            params![
+                row.model_name,
+                row.channel_id,
+                row.group,
+                hour_of(row.created_at),
+                i64::from(success),
+                row.use_time * 1000
+            ],
         )?;
         Ok(())
     }

@@ -22,7 +22,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::clock::unix_now;
-use crate::schema::LOG_TYPE_CONSUME;
+use crate::schema::{CHANNEL_TEST_TOKEN_NAME, LOG_TYPE_CONSUME, LOG_TYPE_ERROR};
 use gateway::{Gateway, LogRow, Tables};
 
 /// The model the incident was about: its logs bypass the quota_data map.
@@ -203,7 +203,16 @@ impl Traffic {
                 let cost =
                     (row.prompt_tokens as f64 + 4.0 * row.completion_tokens as f64) * model.ratio;
                 row.quota = cost.round().max(1.0) as i64;
-                row.other = format!(r#"{{"model_ratio":{},"group_ratio":1}}"#, model.ratio);
+                row.other = if row.is_stream {
+                    // Time to the first streamed byte (ms), within the request's duration.
+                    let frt = 150 + (row.completion_tokens * 37) % (row.use_time * 1000);
+                    format!(
+                        r#"{{"model_ratio":{},"group_ratio":1,"frt":{frt}}}"#,
+                        model.ratio
+                    )
+                } else {
+                    format!(r#"{{"model_ratio":{},"group_ratio":1}}"#, model.ratio)
+                };
                 row.content = format!("model ratio {}, group ratio 1", model.ratio);
                 (row, true)
             }
@@ -236,6 +245,13 @@ fn record(gw: &mut Gateway, tables: Tables, row: &LogRow, feed: bool, t: i64) ->
         && row.log_type == LOG_TYPE_CONSUME
     {
         gw.next_task("kling", row.user_id, row.channel_id, t)?;
+    }
+    // perf_metrics counts every relayed request, failed ones too (error log rows stand for
+    // them); channel tests are not relayed.
+    let relayed = row.log_type == LOG_TYPE_ERROR
+        || (row.log_type == LOG_TYPE_CONSUME && row.token_name != CHANNEL_TEST_TOKEN_NAME);
+    if tables == Tables::NewApiCurrent && relayed {
+        gw.perf_sample(row, row.log_type == LOG_TYPE_CONSUME)?;
     }
     gw.record(row, feed, t)
 }

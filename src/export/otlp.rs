@@ -291,6 +291,68 @@ pub fn host_name() -> String {
 pub struct Otlp {
     provider: SdkMeterProvider,
     poll_duration: Option<opentelemetry::metrics::Histogram<f64>>,
+    data: Arc<DataHistograms>,
+}
+
+/// The histograms built from the gateway's rows (request duration, time to first response).
+/// OpenTelemetry has no asynchronous histogram: after each poll, what each bucket gained since
+/// the last poll is recorded into a histogram with the same boundaries, at the middle of the
+/// bucket. Bucket counts and `count` are exact; `sum` is that of the bucket middles.
+struct DataHistograms {
+    shared: Arc<Shared>,
+    instruments: Vec<(&'static MetricDef, opentelemetry::metrics::Histogram<f64>)>,
+    /// Per metric and label set, the cumulative bucket counts and count last recorded.
+    recorded: std::sync::Mutex<HashMap<SeriesKey, Vec<u64>>>,
+}
+
+/// A metric's name and one label set of it.
+type SeriesKey = (&'static str, Vec<(String, String)>);
+
+impl DataHistograms {
+    fn record_new(&self) {
+        let snap = self.shared.snapshot();
+        let p = providers(&snap);
+        let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        for (def, instrument) in &self.instruments {
+            for m in family(&snap, def).into_iter().flat_map(|f| f.get_metric()) {
+                let h = m.get_histogram();
+                let key: Vec<(String, String)> = m
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name().to_string(), l.value().to_string()))
+                    .collect();
+                let mut now: Vec<u64> = h
+                    .get_bucket()
+                    .iter()
+                    .map(|b| b.cumulative_count())
+                    .collect();
+                now.push(h.get_sample_count());
+                let before = recorded
+                    .get(&(def.name, key.clone()))
+                    .filter(|b| b.len() == now.len() && b.iter().zip(&now).all(|(b, n)| b <= n))
+                    .cloned()
+                    .unwrap_or_else(|| vec![0; now.len()]);
+                let attributes = attributes(m, &p);
+                let bounds: Vec<f64> = h.get_bucket().iter().map(|b| b.upper_bound()).collect();
+                for i in 0..now.len() {
+                    let gained = (now[i] - before[i]).saturating_sub(if i == 0 {
+                        0
+                    } else {
+                        now[i - 1] - before[i - 1]
+                    });
+                    let lower = if i == 0 { 0.0 } else { bounds[i - 1] };
+                    let middle = match bounds.get(i) {
+                        Some(upper) => (lower + upper) / 2.0,
+                        None => lower * 1.5,
+                    };
+                    for _ in 0..gained {
+                        instrument.record(middle, &attributes);
+                    }
+                }
+                recorded.insert((def.name, key), now);
+            }
+        }
+    }
 }
 
 impl Otlp {
@@ -334,7 +396,12 @@ impl Otlp {
             .with_reader(reader)
             .with_resource(resource(instance))
             .build();
-        let poll_duration = register_instruments(&provider, shared);
+        let (poll_duration, instruments) = register_instruments(&provider, shared.clone());
+        let data = Arc::new(DataHistograms {
+            shared,
+            instruments,
+            recorded: std::sync::Mutex::new(HashMap::new()),
+        });
         tracing::info!(
             "exporting metrics over OTLP ({:?}) to {}",
             settings.protocol,
@@ -343,16 +410,20 @@ impl Otlp {
         Ok(Otlp {
             provider,
             poll_duration,
+            data,
         })
     }
 
-    /// Records one poll's duration into the OTLP histogram (called as each poll ends).
+    /// Records one poll's duration, and what the data histograms gained, into the OTLP
+    /// histograms (called as each poll's snapshot is published).
     pub fn poll_duration_recorder(&self) -> Box<dyn Fn(f64) + Send> {
         let h = self.poll_duration.clone();
+        let data = self.data.clone();
         Box::new(move |secs| {
             if let Some(h) = &h {
                 h.record(secs, &[]);
             }
+            data.record_new();
         })
     }
 
@@ -379,14 +450,31 @@ fn observe(
     }
 }
 
-/// Registers one instrument per metric; returns the poll-time histogram, which is recorded
-/// rather than observed.
-fn register_instruments(
-    provider: &SdkMeterProvider,
-    shared: Arc<Shared>,
-) -> Option<opentelemetry::metrics::Histogram<f64>> {
+/// The histograms that are recorded rather than observed: the poll time, and those built from
+/// the gateway's rows.
+type Recorded = (
+    Option<opentelemetry::metrics::Histogram<f64>>,
+    Vec<(&'static MetricDef, opentelemetry::metrics::Histogram<f64>)>,
+);
+
+/// The bucket boundaries of a histogram built from the gateway's rows.
+fn data_boundaries(def: &MetricDef) -> Vec<f64> {
+    use crate::collect::logs::{DURATION_BUCKETS, FIRST_RESPONSE_BUCKETS_MS};
+    if def.name == metrics::TIME_TO_FIRST_RESPONSE_SECONDS.name {
+        FIRST_RESPONSE_BUCKETS_MS
+            .map(|ms| ms as f64 / 1000.0)
+            .to_vec()
+    } else {
+        DURATION_BUCKETS.map(|s| s as f64).to_vec()
+    }
+}
+
+/// Registers one instrument per metric; returns the histograms, which are recorded rather
+/// than observed.
+fn register_instruments(provider: &SdkMeterProvider, shared: Arc<Shared>) -> Recorded {
     let meter = provider.meter("newapi-exporter");
     let mut histogram = None;
+    let mut data = Vec::new();
     for def in metrics::ALL {
         let def: &'static MetricDef = def;
         let shared = shared.clone();
@@ -407,7 +495,7 @@ fn register_instruments(
                     .with_callback(observe(shared, def, |m| m.get_gauge().get_value()))
                     .build();
             }
-            Kind::Histogram => {
+            Kind::Histogram if def.name == metrics::EXPORTER_POLL_DURATION_SECONDS.name => {
                 histogram = Some(
                     meter
                         .f64_histogram(def.otel_name)
@@ -417,7 +505,16 @@ fn register_instruments(
                         .build(),
                 );
             }
+            Kind::Histogram => {
+                let h = meter
+                    .f64_histogram(def.otel_name)
+                    .with_description(def.help)
+                    .with_unit(def.otel_unit)
+                    .with_boundaries(data_boundaries(def))
+                    .build();
+                data.push((def, h));
+            }
         }
     }
-    histogram
+    (histogram, data)
 }

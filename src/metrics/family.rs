@@ -1,7 +1,9 @@
 //! Builds the exposition form of one metric family from its definition: collectors fill it
 //! with samples and append it to the snapshot's families.
 
-use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
 
 use super::{Kind, MetricDef};
 
@@ -10,10 +12,11 @@ use super::{Kind, MetricDef};
 pub struct Family(MetricFamily);
 
 impl Family {
-    /// An empty family for a counter or gauge definition.
+    /// An empty family for a definition.
     pub fn of(def: &MetricDef) -> Self {
         let t = match def.kind {
             Kind::Counter => MetricType::COUNTER,
+            Kind::Histogram => MetricType::HISTOGRAM,
             _ => MetricType::GAUGE,
         };
         Self::with_type(def.name, def.help, t)
@@ -27,7 +30,7 @@ impl Family {
         Family(mf)
     }
 
-    pub fn sample(&mut self, labels: &[(&str, &str)], value: f64) -> &mut Self {
+    fn metric(labels: &[(&str, &str)]) -> Metric {
         let pairs = labels
             .iter()
             .map(|(k, v)| {
@@ -37,7 +40,41 @@ impl Family {
                 p
             })
             .collect();
-        let mut m = Metric::from_label(pairs);
+        Metric::from_label(pairs)
+    }
+
+    /// One histogram of a histogram family: `cumulative[i]` observations at most `bounds[i]`,
+    /// `count` in all (the `+Inf` bucket) adding up to `sum`.
+    pub fn histogram(
+        &mut self,
+        labels: &[(&str, &str)],
+        bounds: &[f64],
+        cumulative: &[u64],
+        count: u64,
+        sum: f64,
+    ) -> &mut Self {
+        let mut h = Histogram::default();
+        h.set_sample_count(count);
+        h.set_sample_sum(sum);
+        let buckets = bounds
+            .iter()
+            .zip(cumulative)
+            .map(|(le, n)| {
+                let mut b = Bucket::default();
+                b.set_upper_bound(*le);
+                b.set_cumulative_count(*n);
+                b
+            })
+            .collect();
+        h.set_bucket(buckets);
+        let mut m = Self::metric(labels);
+        m.set_histogram(h);
+        self.0.mut_metric().push(m);
+        self
+    }
+
+    pub fn sample(&mut self, labels: &[(&str, &str)], value: f64) -> &mut Self {
+        let mut m = Self::metric(labels);
         if self.0.get_field_type() == MetricType::COUNTER {
             let mut c = Counter::default();
             c.set_value(value);

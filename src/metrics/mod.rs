@@ -53,6 +53,20 @@ pub const TOKENS_TOTAL: MetricDef = MetricDef {
     otel_name: "newapi.tokens",
     otel_unit: "{token}",
 };
+pub const REQUEST_DURATION_SECONDS: MetricDef = MetricDef {
+    name: "newapi_request_duration_seconds",
+    help: "Billed requests by duration (logs.use_time, whole seconds rounded down by the gateway).",
+    kind: Kind::Histogram,
+    otel_name: "newapi.request.duration",
+    otel_unit: "s",
+};
+pub const TIME_TO_FIRST_RESPONSE_SECONDS: MetricDef = MetricDef {
+    name: "newapi_time_to_first_response_seconds",
+    help: "Billed requests by time to the first response byte (other.frt in logs), where the gateway recorded it.",
+    kind: Kind::Histogram,
+    otel_name: "newapi.time_to_first_response",
+    otel_unit: "s",
+};
 pub const USE_TIME_SECONDS_TOTAL: MetricDef = MetricDef {
     name: "newapi_use_time_seconds_total",
     help: "Sum of use_time (whole seconds) over consume log rows.",
@@ -80,6 +94,20 @@ pub const ERRORS_TOTAL: MetricDef = MetricDef {
     kind: Kind::Counter,
     otel_name: "newapi.errors",
     otel_unit: "{error}",
+};
+pub const PERF_REQUESTS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_perf_requests_total",
+    help: "Relayed requests by outcome (success, failure), from perf_metrics: one per request, written by default (not comparable with newapi_errors_total).",
+    kind: Kind::Counter,
+    otel_name: "newapi.perf.requests",
+    otel_unit: "{request}",
+};
+pub const PERF_REQUEST_LATENCY_SECONDS_TOTAL: MetricDef = MetricDef {
+    name: "newapi_perf_request_latency_seconds_total",
+    help: "Summed latency of the relayed requests, from perf_metrics: divided by the requests, the mean latency.",
+    kind: Kind::Counter,
+    otel_name: "newapi.perf.request_latency",
+    otel_unit: "s",
 };
 pub const CHANNEL_TEST_REQUESTS_TOTAL: MetricDef = MetricDef {
     name: "newapi_channel_test_requests_total",
@@ -497,9 +525,13 @@ pub const ALL: &[MetricDef] = &[
     QUOTA_CORRECTIONS_TOTAL,
     TOKENS_TOTAL,
     USE_TIME_SECONDS_TOTAL,
+    REQUEST_DURATION_SECONDS,
+    TIME_TO_FIRST_RESPONSE_SECONDS,
     REFUNDS_TOTAL,
     REFUND_QUOTA_TOTAL,
     ERRORS_TOTAL,
+    PERF_REQUESTS_TOTAL,
+    PERF_REQUEST_LATENCY_SECONDS_TOTAL,
     CHANNEL_TEST_REQUESTS_TOTAL,
     CHANNEL_TEST_QUOTA_TOTAL,
     TASK_SETTLEMENTS_TOTAL,

@@ -79,12 +79,12 @@ pub struct Poller {
     /// What was at the database files' paths when the pipeline was built: another file there
     /// later is another database.
     built_on: Vec<Option<(u64, u64)>>,
-    /// Told each poll's duration as the poll ends (the OTLP histogram).
+    /// Told each poll's duration once the poll's snapshot is published (the OTLP histograms).
     on_poll_duration: Option<Box<dyn Fn(f64) + Send>>,
 }
 
 impl Poller {
-    /// Tells `f` each poll's duration as the poll ends.
+    /// Tells `f` each poll's duration once its snapshot is published.
     pub fn on_poll_duration(&mut self, f: Box<dyn Fn(f64) + Send>) {
         self.on_poll_duration = Some(f);
     }
@@ -92,6 +92,11 @@ impl Poller {
     /// Adds `newapi_exporter_otlp_errors_total` to the exporter's metrics and returns it.
     pub fn otlp_error_counter(&mut self) -> IntCounter {
         self.health.otlp_error_counter()
+    }
+
+    /// Where the poller reads, passwords masked.
+    pub fn database(&self) -> &str {
+        &self.database
     }
 
     pub fn new(
@@ -177,9 +182,6 @@ impl Poller {
         let result = self.poll_collectors();
         let took = started.elapsed().as_secs_f64();
         self.health.poll_duration.observe(took);
-        if let Some(f) = &self.on_poll_duration {
-            f(took);
-        }
         match &result {
             Ok(()) => {
                 self.health.up.set(1);
@@ -210,6 +212,10 @@ impl Poller {
                 .as_secs_f64(),
         );
         to.publish(self.render(Some(now)));
+        // After publishing: the hook may read the snapshot this poll made.
+        if let Some(f) = &self.on_poll_duration {
+            f(took);
+        }
     }
 
     fn render(&mut self, last_poll: Option<SystemTime>) -> PollOutput {

@@ -223,7 +223,7 @@ pub fn assemble(pairs: &BTreeMap<PairKey, PairResult>, range: Range, per_channel
             c.missing.add(&p.cmp.missing);
             c.excess.add(&p.cmp.excess);
         }
-        let (cmp, first) = models.entry(pair.model.as_str()).or_default();
+        let (cmp, first) = models.entry(&*pair.model).or_default();
         cmp.add(&p.cmp);
         if let Some(f) = p.first_log {
             *first = Some(first.map_or(f, |o: i64| o.min(f)));

@@ -169,7 +169,7 @@ fn incremental_equals_full(per_channel: bool) {
     };
     let pair = |user: i64, model: usize, channel: i64| PairKey {
         channel_id: if per_channel { channel } else { 0 },
-        ..PairKey::user_model(user, ["a", "b", "c"][model])
+        ..PairKey::user_model(user, &["a", "b", "c"][model].into())
     };
     let mut incremental = IncrementalComparison::default();
     incremental.update(&mut rec, range);

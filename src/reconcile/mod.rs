@@ -24,5 +24,7 @@ pub mod recording;
 pub mod report;
 
 pub use compare::{IncrementalComparison, Range, lag_seconds, reconcile};
-pub use recording::{HourKey, Hourly, LogsHour, PairKey, QdHour, Recording, TimeSpan};
+pub use recording::{
+    FastMap, HourKey, Hourly, LogsHour, Name, Names, PairKey, QdHour, Recording, TimeSpan,
+};
 pub use report::{Amount, ChannelReport, Comparison, Deficit, ModelReport, Report};

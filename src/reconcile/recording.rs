@@ -1,7 +1,14 @@
 //! What the collectors fill for the reconciliation: per-hour aggregates of consume logs and of
 //! quota_data, keyed alike, and the pairs that changed since the last comparison.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// A hash map for keys that arrive by the hundred thousand (a full-history read holds about
+/// one per log row). Its hasher is seeded per process, as the default one; it is not meant to
+/// resist keys chosen to collide, which here are the gateway's own user, model and channel
+/// values.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The series one comparison follows across hours: a (user, model) on the older generation; on
 /// the current one also the channel, group, token and username that quota_data keys on (they
@@ -9,21 +16,40 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PairKey {
     pub user_id: i64,
-    pub model: String,
+    pub model: Name,
     pub channel_id: i64,
-    pub group: String,
+    pub group: Name,
     pub token_id: i64,
-    pub username: String,
+    pub username: Name,
 }
 
 impl PairKey {
     /// A (user, model) pair of the older generation.
-    pub fn user_model(user_id: i64, model: &str) -> Self {
+    pub fn user_model(user_id: i64, model: &Name) -> Self {
         PairKey {
             user_id,
-            model: model.to_string(),
+            model: model.clone(),
             ..PairKey::default()
         }
+    }
+}
+
+/// A text value of a key (a model, group, username or node name), shared by every key that
+/// holds it: a full-history read makes a key per log row, from a few hundred distinct names.
+pub type Name = Arc<str>;
+
+/// The names met so far; each is stored once and handed out as a shared [`Name`].
+#[derive(Debug, Clone, Default)]
+pub struct Names(HashSet<Name, foldhash::fast::RandomState>);
+
+impl Names {
+    pub fn get(&mut self, text: &str) -> Name {
+        if let Some(name) = self.0.get(text) {
+            return name.clone();
+        }
+        let name: Name = Arc::from(text);
+        self.0.insert(name.clone());
+        name
     }
 }
 
@@ -40,7 +66,7 @@ impl HourKey {
     /// One hour of a (user, model) pair of the older generation.
     pub fn new(user_id: i64, model: &str, hour: i64) -> Self {
         HourKey {
-            pair: PairKey::user_model(user_id, model),
+            pair: PairKey::user_model(user_id, &Name::from(model)),
             hour,
         }
     }
@@ -110,62 +136,71 @@ pub struct QdHour {
 }
 
 /// Hours per pair: each pair's hours in order, the pairs found by hash. A full-history read
-/// holds about one entry per log row; finding the pair by hash and the hour in the pair's own
-/// short map costs far less than ordering every entry by its whole key.
+/// holds about one entry per log row, and most pairs (a user's token on one channel) have one
+/// or a few hours: each pair keeps its hours in a short vector ordered by hour, which costs far
+/// less than a tree per pair or ordering every entry by its whole key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hourly<V> {
-    pairs: HashMap<PairKey, BTreeMap<i64, V>>,
+    pairs: FastMap<PairKey, Hours<V>>,
 }
+
+/// One pair's hours, ordered by hour, each at most once.
+pub type Hours<V> = Vec<(i64, V)>;
 
 impl<V> Default for Hourly<V> {
     fn default() -> Self {
         Hourly {
-            pairs: HashMap::new(),
+            pairs: FastMap::default(),
         }
     }
+}
+
+/// The entry of `hour` in one pair's ordered hours, created empty.
+fn hour_entry<V: Default>(hours: &mut Hours<V>, hour: i64) -> &mut V {
+    // Reads go forward in time: the hour is usually the last one or a new last one.
+    let at = match hours.last() {
+        Some((h, _)) if *h < hour => hours.len(),
+        _ => hours.partition_point(|(h, _)| *h < hour),
+    };
+    if hours.get(at).is_none_or(|(h, _)| *h != hour) {
+        hours.insert(at, (hour, V::default()));
+    }
+    &mut hours[at].1
 }
 
 impl<V: Default> Hourly<V> {
     /// The entry of one hour of a pair, created empty; the key is cloned only when new.
     pub fn hour_mut(&mut self, pair: &PairKey, hour: i64) -> &mut V {
         if !self.pairs.contains_key(pair) {
-            self.pairs.insert(pair.clone(), BTreeMap::new());
+            self.pairs.insert(pair.clone(), Vec::with_capacity(1));
         }
-        self.pairs
-            .get_mut(pair)
-            .expect("inserted above")
-            .entry(hour)
-            .or_default()
+        hour_entry(self.pairs.get_mut(pair).expect("inserted above"), hour)
     }
 
     pub fn entry_or_default(&mut self, key: HourKey) -> &mut V {
-        self.pairs
-            .entry(key.pair)
-            .or_default()
-            .entry(key.hour)
-            .or_default()
+        hour_entry(self.pairs.entry(key.pair).or_default(), key.hour)
+    }
+
+    pub fn insert(&mut self, key: HourKey, value: V) {
+        *self.entry_or_default(key) = value;
     }
 }
 
 impl<V> Hourly<V> {
-    pub fn insert(&mut self, key: HourKey, value: V) -> Option<V> {
-        self.pairs
-            .entry(key.pair)
-            .or_default()
-            .insert(key.hour, value)
-    }
-
     pub fn remove(&mut self, key: &HourKey) -> Option<V> {
         let hours = self.pairs.get_mut(&key.pair)?;
-        let removed = hours.remove(&key.hour);
+        let at = hours.binary_search_by_key(&key.hour, |(h, _)| *h).ok()?;
+        let (_, removed) = hours.remove(at);
         if hours.is_empty() {
             self.pairs.remove(&key.pair);
         }
-        removed
+        Some(removed)
     }
 
     pub fn get(&self, key: &HourKey) -> Option<&V> {
-        self.pairs.get(&key.pair)?.get(&key.hour)
+        let hours = self.pairs.get(&key.pair)?;
+        let at = hours.binary_search_by_key(&key.hour, |(h, _)| *h).ok()?;
+        Some(&hours[at].1)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -178,17 +213,17 @@ impl<V> Hourly<V> {
     }
 
     /// One pair's hours, in order.
-    pub fn hours(&self, pair: &PairKey) -> Option<&BTreeMap<i64, V>> {
-        self.pairs.get(pair)
+    pub fn hours(&self, pair: &PairKey) -> Option<&[(i64, V)]> {
+        self.pairs.get(pair).map(Vec::as_slice)
     }
 
     /// Removes the hours at or after `from`; returns the pairs that had any.
     pub fn remove_from(&mut self, from: i64) -> Vec<PairKey> {
         let mut touched = Vec::new();
         self.pairs.retain(|pair, hours| {
-            if hours.range(from..).next().is_some() {
+            if hours.last().is_some_and(|(h, _)| *h >= from) {
                 touched.push(pair.clone());
-                hours.retain(|h, _| *h < from);
+                hours.retain(|(h, _)| *h < from);
             }
             !hours.is_empty()
         });
@@ -198,7 +233,7 @@ impl<V> Hourly<V> {
     /// Keeps only hours at or after `from`.
     pub fn retain_from(&mut self, from: i64) {
         self.pairs.retain(|_, hours| {
-            hours.retain(|h, _| *h >= from);
+            hours.retain(|(h, _)| *h >= from);
             !hours.is_empty()
         });
     }
@@ -207,6 +242,8 @@ impl<V> Hourly<V> {
 /// Per-hour state shared by the logs and quota_data collectors and read here.
 #[derive(Debug, Clone, Default)]
 pub struct Recording {
+    /// The names the keys below hold.
+    pub names: Names,
     pub logs_hourly: Hourly<LogsHour>,
     pub qd_hourly: Hourly<QdHour>,
     /// Per model, over all history: oldest and newest mirrored consume log time.

@@ -18,7 +18,7 @@ use super::plausible::{Limits, MAX_AMOUNT, Reason};
 use super::{Admission, Collector, Context, LabelSettings, OTHER};
 use crate::db::{Database, Dialect, Engine, Sources, Value};
 use crate::metrics::{self as m, Family};
-use crate::reconcile::{PairKey, TimeSpan};
+use crate::reconcile::{Name, Names, PairKey, TimeSpan};
 use crate::schema::{LOG_TYPE_CONSUME, LOG_TYPE_ERROR, LOG_TYPE_REFUND, Schema};
 use by_time::ByTime;
 pub use by_time::LATE_ROWS_SECS;
@@ -29,11 +29,11 @@ pub const USAGE_LABELS: [&str; 4] = ["model", "channel_id", "channel_name", "gro
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct UsageKey {
-    model: String,
-    channel_id: String,
-    group: String,
+    model: Name,
+    channel_id: Name,
+    group: Name,
     /// The username, with `--labels.user` only.
-    user: String,
+    user: Name,
 }
 
 /// Running totals for one (model, channel, group).
@@ -53,6 +53,15 @@ pub struct Usage {
     pub settlements: u64,
     pub zero_usage: u64,
     pub saturated: u64,
+    /// Billed requests in the latency histograms: with a duration, its sum (seconds) and
+    /// buckets, cumulative (`le`) as [`DURATION_BUCKETS`]...
+    pub duration_count: u64,
+    pub duration_seconds: u64,
+    pub duration_buckets: [u64; 8],
+    /// ...and with a time to first response: their count, sum (ms) and buckets.
+    pub first_response_count: u64,
+    pub first_response_ms: u64,
+    pub first_response_buckets: [u64; 8],
 }
 
 impl Usage {
@@ -71,6 +80,22 @@ impl Usage {
         self.settlements = self.settlements.saturating_add(o.settlements);
         self.zero_usage = self.zero_usage.saturating_add(o.zero_usage);
         self.saturated = self.saturated.saturating_add(o.saturated);
+        self.duration_count = self.duration_count.saturating_add(o.duration_count);
+        self.duration_seconds = self.duration_seconds.saturating_add(o.duration_seconds);
+        for (a, b) in self.duration_buckets.iter_mut().zip(o.duration_buckets) {
+            *a = a.saturating_add(b);
+        }
+        self.first_response_count = self
+            .first_response_count
+            .saturating_add(o.first_response_count);
+        self.first_response_ms = self.first_response_ms.saturating_add(o.first_response_ms);
+        for (a, b) in self
+            .first_response_buckets
+            .iter_mut()
+            .zip(o.first_response_buckets)
+        {
+            *a = a.saturating_add(b);
+        }
     }
 }
 
@@ -82,6 +107,18 @@ pub struct LogsCollector {
     /// Whether the select list tests the consume type for the unmirrored flag (one parameter
     /// after the hour ranges).
     flags_unmirrored: bool,
+    /// The same select list with one result row per log row, for reads where nearly every row
+    /// is a group of its own anyway.
+    per_row_select_sql: String,
+    /// What follows the condition of the grouped form: the end of the subquery that reads the
+    /// time to first response from `other`.
+    from_end: String,
+    /// Whether one-shot commands read with it: on SQLite, where the rows cost no transfer and
+    /// a full-history read would otherwise have the engine sort every row by eleven columns
+    /// only to find groups of one row (a million rows make 830k groups), while the exporter
+    /// adds up rows in a hash map at a fraction of that. Server engines keep grouping, which
+    /// also keeps the rows sent small.
+    per_row_on_one_shot: bool,
     /// Whether rows in range keep the pair's channel, group, token and username (current
     /// generation: two more hour ranges as parameters).
     per_channel: bool,
@@ -102,6 +139,8 @@ pub struct LogsCollector {
     /// The smallest id of a row written after a time.
     first_after_sql: String,
     usage: HashMap<UsageKey, Usage>,
+    /// The names the usage keys hold.
+    names: Names,
     /// Whether commits can become visible out of id order (MySQL, PostgreSQL).
     track_gaps: bool,
     /// Whether rows keep their hour and user for the reconciliation: not on one-api, which has
@@ -155,8 +194,49 @@ const C_PAIR_USERNAME: usize = 18;
 const C_FLAG: usize = 19;
 /// What kind of consume row the group holds (see [`RowKind`]).
 const C_KIND: usize = 20;
+/// The latency histograms, over rows dated from the start of the reconciliation's hours on
+/// (see [`LogsCollector::read`]): rows with a `use_time`, its sum, and how many took at most
+/// each of [`DURATION_BUCKETS`] (8 columns)...
+const C_DURATION_COUNT: usize = 21;
+const C_DURATION_SUM: usize = 22;
+const C_DURATION: usize = 23;
+/// ...and the same for the time to first response (`other.frt`, milliseconds).
+const C_FRT_COUNT: usize = 31;
+const C_FRT_SUM: usize = 32;
+const C_FRT: usize = 33;
 /// The username, selected and grouped by only with `--labels.user`.
-const C_USERNAME: usize = 21;
+const C_USERNAME: usize = 41;
+
+/// The columns the subquery gives the request's duration (seconds) and time to first response
+/// (milliseconds): -1 when the row has none or is older than the histograms cover.
+const DURATION_COLUMN: &str = "newapi_duration";
+const FRT_COLUMN: &str = "newapi_frt";
+/// The columns of `logs` the statement reads, where the table has them.
+const INNER_COLUMNS: [&str; 16] = [
+    "id",
+    "type",
+    "created_at",
+    "user_id",
+    "username",
+    "token_name",
+    "token_id",
+    "model_name",
+    "channel_id",
+    "group",
+    "quota",
+    "prompt_tokens",
+    "completion_tokens",
+    "use_time",
+    "request_id",
+    "other",
+];
+
+/// Upper bounds of the request-duration histogram's buckets: `use_time` is whole seconds,
+/// the gateway's elapsed time rounded down.
+pub const DURATION_BUCKETS: [i64; 8] = [1, 2, 5, 10, 30, 60, 120, 300];
+/// Upper bounds of the time-to-first-response histogram's buckets, in milliseconds as the
+/// gateway writes `other.frt`.
+pub const FIRST_RESPONSE_BUCKETS_MS: [i64; 8] = [100, 250, 500, 1000, 2000, 5000, 10_000, 30_000];
 
 /// Consume rows that are not ordinary billed requests, told apart in SQL (first match wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,10 +311,23 @@ impl LogsCollector {
         // Each sum takes only values within 32 bits, so none can overflow; a row with any amount
         // out of range is in a group of its own (its flag), which is set aside whole.
         let amounts = [quota.clone(), prompt.clone(), completion.clone()];
-        let bounded = |column: &str, expr: &str| {
-            d.sum_int(&format!(
-                "CASE WHEN {column} BETWEEN -{MAX_AMOUNT} AND {MAX_AMOUNT} THEN {expr} ELSE 0 END"
-            ))
+        // Each statement comes in two forms: grouped, and one result row per log row (the
+        // aggregates taken over that row alone).
+        let sum = |per_row: bool, expr: String| if per_row { expr } else { d.sum_int(&expr) };
+        let bounded = |per_row: bool, column: &str, expr: &str| {
+            sum(
+                per_row,
+                format!(
+                    "CASE WHEN {column} BETWEEN -{MAX_AMOUNT} AND {MAX_AMOUNT} THEN {expr} ELSE 0 END"
+                ),
+            )
+        };
+        let of_rows = |per_row: bool, aggregate: &str, expr: &str| {
+            if per_row {
+                expr.to_string()
+            } else {
+                format!("{aggregate}({expr})")
+            }
         };
         let flag = Limits::flag_sql(&created, &amounts);
         let hour_in_range =
@@ -244,58 +337,119 @@ impl LogsCollector {
             cols.or(d, "user_id", "0")
         );
         let use_time = cols.or(d, "use_time", "0");
+        // The latency histograms' values, taken once per row by a subquery: the time to first
+        // response is text inside `other`, and every use of it in the select list would search
+        // the text again (engines substitute a merged subquery's expressions; the fence keeps
+        // it apart). Rows dated before the first `?` have neither, so that the cold start does
+        // not search all history.
+        let histogram_value =
+            |value: String| format!("CASE WHEN {created} >= ? THEN {value} ELSE -1 END");
+        let inner: Vec<String> = INNER_COLUMNS
+            .iter()
+            .filter(|c| cols.has(c))
+            .map(|c| d.ident(c))
+            .collect();
+        let from = format!(
+            "FROM (SELECT {}, {} AS {}, {} AS {} FROM logs WHERE ",
+            inner.join(", "),
+            histogram_value(if cols.has("use_time") {
+                format!("COALESCE({use_time}, -1)")
+            } else {
+                "-1".to_string()
+            }),
+            d.ident(DURATION_COLUMN),
+            histogram_value(if cols.has("other") {
+                d.json_int(&d.ident("other"), "frt")
+            } else {
+                "-1".to_string()
+            }),
+            d.ident(FRT_COLUMN),
+        );
+        let from_end = format!("{}) AS logs", d.fence());
         // In the order of the C_* constants.
-        let mut exprs = vec![
-            ty.clone(),
-            d.text_key(&d.ident("model_name")),
-            cols.or(d, "channel_id", "NULL"),
-            d.text_key(&cols.or(d, "group", "NULL")),
-            hour_in_range,
-            user_in_range,
-            unmirrored,
-            "COUNT(*)".to_string(),
-            bounded(
-                &quota,
-                &format!("CASE WHEN {quota} > 0 THEN {quota} ELSE 0 END"),
-            ),
-            bounded(
-                &quota,
-                &format!("CASE WHEN {quota} < 0 THEN -{quota} ELSE 0 END"),
-            ),
-            bounded(&prompt, &prompt),
-            bounded(&completion, &completion),
-            // use_time is whole seconds of one request: bounded like the amounts.
-            bounded(&use_time, &use_time),
-            bounded(&quota, &quota),
-            format!("MIN({created})"),
-            format!("MAX({created})"),
-            format!("MIN({id})"),
-            in_range_column("token_id", d.ident("token_id")),
-            in_range_column("username", d.text_key(&d.ident("username"))),
-            flag,
-        ];
-        let other = cols.has("other").then(|| d.ident("other"));
-        let other_has = |key: &str| match &other {
-            Some(o) => format!("{o} LIKE '%{key}%'"),
-            None => "1 = 0".to_string(),
-        };
-        let no_tokens = format!("{prompt} = 0 AND {completion} = 0");
-        exprs.push(format!(
-            "CASE WHEN {ty} <> {LOG_TYPE_CONSUME} THEN 0 WHEN {} THEN {} \
+        let select_list = |per_row: bool| {
+            let mut exprs = vec![
+                ty.clone(),
+                d.text_key(&d.ident("model_name")),
+                cols.or(d, "channel_id", "NULL"),
+                d.text_key(&cols.or(d, "group", "NULL")),
+                hour_in_range.clone(),
+                user_in_range.clone(),
+                unmirrored.clone(),
+                if per_row { "1" } else { "COUNT(*)" }.to_string(),
+                bounded(
+                    per_row,
+                    &quota,
+                    &format!("CASE WHEN {quota} > 0 THEN {quota} ELSE 0 END"),
+                ),
+                bounded(
+                    per_row,
+                    &quota,
+                    &format!("CASE WHEN {quota} < 0 THEN -{quota} ELSE 0 END"),
+                ),
+                bounded(per_row, &prompt, &prompt),
+                bounded(per_row, &completion, &completion),
+                // use_time is whole seconds of one request: bounded like the amounts.
+                bounded(per_row, &use_time, &use_time),
+                bounded(per_row, &quota, &quota),
+                of_rows(per_row, "MIN", &created),
+                of_rows(per_row, "MAX", &created),
+                of_rows(per_row, "MIN", &id),
+                in_range_column("token_id", d.ident("token_id")),
+                in_range_column("username", d.text_key(&d.ident("username"))),
+                flag.clone(),
+            ];
+            let other = cols.has("other").then(|| d.ident("other"));
+            let other_has = |key: &str| match &other {
+                Some(o) => format!("{o} LIKE '%{key}%'"),
+                None => "1 = 0".to_string(),
+            };
+            let no_tokens = format!("{prompt} = 0 AND {completion} = 0");
+            exprs.push(format!(
+                "CASE WHEN {ty} <> {LOG_TYPE_CONSUME} THEN 0 WHEN {} THEN {} \
              WHEN {no_tokens} AND {} THEN {} WHEN {no_tokens} AND {quota} = 0 THEN {} \
              WHEN {} THEN {} ELSE 0 END",
-            schema.channel_test_sql(d),
-            RowKind::ChannelTest as i64,
-            other_has("pre_consumed_quota"),
-            RowKind::Settlement as i64,
-            RowKind::ZeroUsage as i64,
-            other_has("quota_saturation"),
-            RowKind::Saturated as i64,
-        ));
-        if labels.user {
-            exprs.push(d.text_key(&cols.or(d, "username", "NULL")));
-        }
-        let select_sql = format!("SELECT {} FROM logs WHERE ", d.select_list(&exprs));
+                schema.channel_test_sql(d),
+                RowKind::ChannelTest as i64,
+                other_has("pre_consumed_quota"),
+                RowKind::Settlement as i64,
+                RowKind::ZeroUsage as i64,
+                other_has("quota_saturation"),
+                RowKind::Saturated as i64,
+            ));
+            // The latency histograms: bucket counts summed in the same statement, so that the
+            // exporter adds up groups, not rows. The per-row form serves the one-shot commands,
+            // which render neither histograms nor usernames: its rows end before them.
+            if !per_row {
+                let count_if = |condition: String| {
+                    d.sum_int(&format!("CASE WHEN {condition} THEN 1 ELSE 0 END"))
+                };
+                for (column, bounds) in [
+                    (DURATION_COLUMN, DURATION_BUCKETS),
+                    (FRT_COLUMN, FIRST_RESPONSE_BUCKETS_MS),
+                ] {
+                    let v = d.ident(column);
+                    exprs.push(count_if(format!("{v} >= 0")));
+                    exprs.push(d.sum_int(&format!(
+                        "CASE WHEN {v} BETWEEN 0 AND {MAX_AMOUNT} THEN {v} ELSE 0 END"
+                    )));
+                    for le in bounds {
+                        exprs.push(count_if(format!("{v} BETWEEN 0 AND {le}")));
+                    }
+                }
+                if labels.user {
+                    exprs.push(d.text_key(&cols.or(d, "username", "NULL")));
+                }
+            }
+            let from = if per_row {
+                "FROM logs WHERE "
+            } else {
+                from.as_str()
+            };
+            format!("SELECT {} {from}", d.select_list(&exprs))
+        };
+        let select_sql = select_list(false);
+        let per_row_select_sql = select_list(true);
         // The token and username columns are constant NULLs unless per channel: grouping by
         // them would only widen every sort key of the cold start.
         let mut grouped = vec![1, 2, 3, 4, 5, 6, 7];
@@ -311,6 +465,9 @@ impl LogsCollector {
         let row_sql = format!("SELECT {created}, {quota} FROM logs WHERE {id} = ?");
         let first_after_sql = format!("SELECT MIN({id}) FROM logs WHERE {created} > ?");
         LogsCollector {
+            per_row_select_sql,
+            from_end,
+            per_row_on_one_shot: dialect.0 == Engine::Sqlite,
             row_sql,
             first_after_sql,
             select_sql,
@@ -331,6 +488,7 @@ impl LogsCollector {
             newest: None,
 
             usage: HashMap::new(),
+            names: Names::default(),
             track_gaps: dialect.0 != Engine::Sqlite,
             keeps_hours: schema.quota_data.is_some(),
             labels: labels.clone(),
@@ -365,18 +523,14 @@ impl LogsCollector {
 
     /// The series a row group counts in: excluded labels blanked, and beyond
     /// `--series.max-per-metric` the shared `__other__` series.
-    fn series_key(
-        &mut self,
-        model: String,
-        channel_id: String,
-        group: String,
-        user: String,
-    ) -> UsageKey {
-        let keep = |name: &str, v: String| {
-            if self.labels.exclude.contains(name) {
-                String::new()
+    fn series_key(&mut self, model: &str, channel_id: &str, group: &str, user: &str) -> UsageKey {
+        let exclude = &self.labels.exclude;
+        let names = &mut self.names;
+        let mut keep = |label: &str, v: &str| {
+            if exclude.contains(label) {
+                Name::default()
             } else {
-                v
+                names.get(v)
             }
         };
         let key = UsageKey {
@@ -384,9 +538,9 @@ impl LogsCollector {
             channel_id: keep("channel_id", channel_id),
             group: keep("group", group),
             user: if self.labels.user {
-                user
+                self.names.get(user)
             } else {
-                String::new()
+                Name::default()
             },
         };
         if self.admission.unbounded() {
@@ -400,15 +554,20 @@ impl LogsCollector {
             key
         } else {
             UsageKey {
-                model: OTHER.to_string(),
-                channel_id: String::new(),
-                group: String::new(),
-                user: String::new(),
+                model: self.names.get(OTHER),
+                channel_id: Name::default(),
+                group: Name::default(),
+                user: Name::default(),
             }
         }
     }
 
     /// Reads and applies the rows matching `condition`; with `by_row`, returns their ids.
+    ///
+    /// The latency histograms take rows dated from the start of the reconciliation's hours
+    /// (the window and an hour before it) and every row read after that: their counters begin
+    /// when the exporter starts, as `rate()` and `histogram_quantile()` expect, and the cold
+    /// start does not take apart the text of every row the gateway ever logged.
     fn read(
         &mut self,
         db: &mut dyn Database,
@@ -438,13 +597,22 @@ impl LogsCollector {
             }
         }
         all.extend(ctx.plausible().flag_params().map(Value::Int));
+        let one_shot_per_row = self.per_row_on_one_shot && ctx.one_shot();
+        if !one_shot_per_row {
+            let since = ctx.hourly_range().0;
+            all.extend([Value::Int(since), Value::Int(since)]);
+        }
         all.extend_from_slice(params);
         let group = if by_row {
             self.group_by_row_sql.as_str()
         } else {
             self.group_sql.as_str()
         };
-        let sql = format!("{}{condition}{group}", self.select_sql);
+        let sql = if one_shot_per_row {
+            format!("{}{condition}", self.per_row_select_sql)
+        } else {
+            format!("{}{condition}{}{group}", self.select_sql, self.from_end)
+        };
         let groups = db.query(&sql, &all)?;
         let mut read = 0;
         let mut ids = Vec::new();
@@ -463,7 +631,7 @@ impl LogsCollector {
         let int = |i: usize| row.get(i).and_then(Value::as_i64).unwrap_or(0);
         // Sums are never negative by construction; clamp anyway so bad data cannot wrap.
         let uint = |i: usize| int(i).max(0) as u64;
-        let label = |i: usize| row.get(i).map(Value::to_label).unwrap_or_default();
+        let label = |i: usize| row.get(i).map(Value::label_ref).unwrap_or_default();
         let rows = uint(C_ROWS);
         let set_aside = Reason::of_flag(int(C_FLAG));
         if let Some(reason) = set_aside {
@@ -480,7 +648,7 @@ impl LogsCollector {
         if !counted {
             return rows;
         }
-        let model = label(C_MODEL);
+        let model = ctx.recording.names.get(&label(C_MODEL));
         // Rows set aside for their time count in the usage counters only.
         if ty == LOG_TYPE_CONSUME && set_aside.is_none() {
             let (first, latest) = (int(C_FIRST), int(C_LATEST));
@@ -491,10 +659,12 @@ impl LogsCollector {
                     first,
                     last: latest,
                 };
-                rec.logs_model_times
-                    .entry(model.clone())
-                    .or_insert(span)
-                    .widen(span);
+                match rec.logs_model_times.get_mut(&*model) {
+                    Some(times) => times.widen(span),
+                    None => {
+                        rec.logs_model_times.insert(model.to_string(), span);
+                    }
+                }
             }
             if let Some(hour) = row.get(C_HOUR).and_then(Value::as_i64) {
                 let pair = if self.per_channel {
@@ -502,9 +672,9 @@ impl LogsCollector {
                         user_id: int(C_USER),
                         model: model.clone(),
                         channel_id: int(C_CHANNEL),
-                        group: label(C_GROUP),
+                        group: rec.names.get(&label(C_GROUP)),
                         token_id: int(C_TOKEN),
-                        username: label(C_PAIR_USERNAME),
+                        username: rec.names.get(&label(C_PAIR_USERNAME)),
                     }
                 } else {
                     PairKey::user_model(int(C_USER), &model)
@@ -520,7 +690,12 @@ impl LogsCollector {
                 }
             }
         }
-        let key = self.series_key(model, label(C_CHANNEL), label(C_GROUP), label(C_USERNAME));
+        let key = self.series_key(
+            &model,
+            &label(C_CHANNEL),
+            &label(C_GROUP),
+            &label(C_USERNAME),
+        );
         let u = self.usage.entry(key).or_default();
         match ty {
             LOG_TYPE_CONSUME => match RowKind::of(int(C_KIND)) {
@@ -545,6 +720,17 @@ impl LogsCollector {
                     u.prompt_tokens = u.prompt_tokens.saturating_add(uint(C_PROMPT));
                     u.completion_tokens = u.completion_tokens.saturating_add(uint(C_COMPLETION));
                     u.use_time_seconds = u.use_time_seconds.saturating_add(uint(C_USE_TIME));
+                    u.duration_count = u.duration_count.saturating_add(uint(C_DURATION_COUNT));
+                    u.duration_seconds = u.duration_seconds.saturating_add(uint(C_DURATION_SUM));
+                    for (i, b) in u.duration_buckets.iter_mut().enumerate() {
+                        *b = b.saturating_add(uint(C_DURATION + i));
+                    }
+                    u.first_response_count =
+                        u.first_response_count.saturating_add(uint(C_FRT_COUNT));
+                    u.first_response_ms = u.first_response_ms.saturating_add(uint(C_FRT_SUM));
+                    for (i, b) in u.first_response_buckets.iter_mut().enumerate() {
+                        *b = b.saturating_add(uint(C_FRT + i));
+                    }
                 }
             },
             LOG_TYPE_ERROR => u.errors = u.errors.saturating_add(rows),
@@ -636,6 +822,10 @@ impl Collector for LogsCollector {
         let mut corrections = Family::of(&m::QUOTA_CORRECTIONS_TOTAL);
         let mut tokens = Family::of(&m::TOKENS_TOTAL);
         let mut use_time = Family::of(&m::USE_TIME_SECONDS_TOTAL);
+        let mut duration = Family::of(&m::REQUEST_DURATION_SECONDS);
+        let mut first_response = Family::of(&m::TIME_TO_FIRST_RESPONSE_SECONDS);
+        let duration_bounds = DURATION_BUCKETS.map(|s| s as f64);
+        let first_response_bounds = FIRST_RESPONSE_BUCKETS_MS.map(|ms| ms as f64 / 1000.0);
         let mut refunds = Family::of(&m::REFUNDS_TOTAL);
         let mut refund_quota = Family::of(&m::REFUND_QUOTA_TOTAL);
         let mut errors = Family::of(&m::ERRORS_TOTAL);
@@ -655,11 +845,11 @@ impl Collector for LogsCollector {
             let u = &all[key];
             let name = ctx.channel_name(&key.channel_id);
             let all = [
-                (USAGE_LABELS[0], key.model.as_str()),
-                (USAGE_LABELS[1], key.channel_id.as_str()),
+                (USAGE_LABELS[0], &*key.model),
+                (USAGE_LABELS[1], &*key.channel_id),
                 (USAGE_LABELS[2], name),
-                (USAGE_LABELS[3], key.group.as_str()),
-                ("user", key.user.as_str()),
+                (USAGE_LABELS[3], &*key.group),
+                ("user", &*key.user),
             ];
             let excluded = |n: &str| {
                 // Names come from ids: without channel_id there is no channel_name.
@@ -703,6 +893,24 @@ impl Collector for LogsCollector {
                 if self.has_use_time {
                     use_time.sample(&l, u.use_time_seconds as f64);
                 }
+                if u.duration_count > 0 {
+                    duration.histogram(
+                        &l,
+                        &duration_bounds,
+                        &u.duration_buckets,
+                        u.duration_count,
+                        u.duration_seconds as f64,
+                    );
+                }
+                if u.first_response_count > 0 {
+                    first_response.histogram(
+                        &l,
+                        &first_response_bounds,
+                        &u.first_response_buckets,
+                        u.first_response_count,
+                        u.first_response_ms as f64 / 1000.0,
+                    );
+                }
             }
             if self.errors_and_refunds {
                 if u.refunds > 0 {
@@ -720,6 +928,8 @@ impl Collector for LogsCollector {
             corrections,
             tokens,
             use_time,
+            duration,
+            first_response,
             refunds,
             refund_quota,
             errors,
