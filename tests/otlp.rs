@@ -629,3 +629,94 @@ fn the_temporality_preference_is_honoured() {
         "{said}"
     );
 }
+
+/// A metric's name and attributes (or labels).
+type Series = (String, BTreeMap<String, String>);
+
+/// The newest data point of every (histogram, attributes): cumulative bucket counts (the last
+/// is `+Inf`) and the count.
+fn latest_histograms(received: &Received) -> BTreeMap<Series, (Vec<u64>, u64)> {
+    let mut out = BTreeMap::new();
+    for req in received.lock().unwrap().iter() {
+        for rm in &req.resource_metrics {
+            for sm in &rm.scope_metrics {
+                for m in &sm.metrics {
+                    let Some(metric::Data::Histogram(h)) = &m.data else {
+                        continue;
+                    };
+                    for p in &h.data_points {
+                        let mut attributes = attrs(&p.attributes);
+                        attributes.remove("gen_ai.provider.name");
+                        let cumulative = p
+                            .bucket_counts
+                            .iter()
+                            .scan(0, |sum, n| {
+                                *sum += n;
+                                Some(*sum)
+                            })
+                            .collect();
+                        out.insert((m.name.clone(), attributes), (cumulative, p.count));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The latency histograms built from the logs reach OTLP with the bucket counts and counts
+/// that /metrics serves, series for series.
+#[test]
+fn the_latency_histograms_carry_the_same_bucket_counts_over_otlp() {
+    let h = http_export(&["--poll-interval", "200ms"], &[]);
+    let (received, exp) = (&h.received, &h.exp);
+    let otel = "newapi.request.duration";
+    wait_for("an export of the request-duration histogram", || {
+        latest_histograms(received).keys().any(|(n, _)| n == otel)
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let scraped = exp.scrape();
+    let name = "newapi_request_duration_seconds";
+    // Labels to (le, cumulative count) and the count.
+    type Buckets = (Vec<(f64, u64)>, u64);
+    let mut want: BTreeMap<BTreeMap<String, String>, Buckets> = BTreeMap::new();
+    for s in &scraped {
+        let mut labels: BTreeMap<String, String> = s.labels.clone().into_iter().collect();
+        if s.name == format!("{name}_bucket") {
+            let le = labels.remove("le").unwrap();
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap()
+            };
+            want.entry(labels).or_default().0.push((le, s.value as u64));
+        } else if s.name == format!("{name}_count") {
+            want.entry(labels).or_default().1 = s.value as u64;
+        }
+    }
+    assert!(want.len() >= 3, "{want:?}");
+    let got = latest_histograms(received);
+    for (labels, (mut buckets, count)) in want {
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let cumulative: Vec<u64> = buckets.iter().map(|b| b.1).collect();
+        // The attributes' OpenTelemetry names.
+        let attributes: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| {
+                let k = match k.as_str() {
+                    "model" => "gen_ai.request.model",
+                    "channel_id" => "newapi.channel.id",
+                    "channel_name" => "newapi.channel.name",
+                    "group" => "newapi.group",
+                    other => other,
+                };
+                (k.to_string(), v.clone())
+            })
+            .collect();
+        let (otlp_buckets, otlp_count) = got
+            .get(&(otel.to_string(), attributes))
+            .unwrap_or_else(|| panic!("{labels:?} not exported: {:?}", got.keys()));
+        assert_eq!(*otlp_count, count, "{labels:?}");
+        assert_eq!(*otlp_buckets, cumulative, "{labels:?}");
+    }
+}

@@ -51,10 +51,12 @@ impl Dialect {
                  BETWEEN '0' AND '9' THEN CAST(substr({column}, {at}, 16) AS INTEGER) ELSE -1 END",
                 n = needle.len()
             ),
+            // CAST takes the leading digits (with a warning, not an error, in a SELECT); no
+            // REGEXP_SUBSTR, which MySQL 5.7 lacks.
             Engine::Mysql => format!(
-                "CASE WHEN LOCATE('{needle}', {column}) > 0 THEN COALESCE(CAST(NULLIF(REGEXP_SUBSTR(\
-                 SUBSTRING({column}, LOCATE('{needle}', {column}) + {n}, 16), '^[0-9]{{1,15}}'), '') \
-                 AS SIGNED), -1) ELSE -1 END",
+                "CASE WHEN LOCATE('{needle}', {column}) > 0 AND SUBSTRING({column}, \
+                 LOCATE('{needle}', {column}) + {n}, 1) BETWEEN '0' AND '9' THEN CAST(SUBSTRING(\
+                 {column}, LOCATE('{needle}', {column}) + {n}, 16) AS SIGNED) ELSE -1 END",
                 n = needle.len()
             ),
             Engine::Postgres => format!(
