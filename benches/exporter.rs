@@ -1,10 +1,11 @@
 //! Benchmarks that print figures (see docs/benchmarks.md for results and how to read them).
 //!
-//!   cargo bench --bench exporter -- [cold-start|poll|scrape|rss|writer|query-exporter|clickhouse|all|soak]
+//!   cargo bench --bench exporter -- [cold-start|poll|scrape|rss|writer|query-exporter|clickhouse|engines|all|soak]
 //!
 //! Databases are generated once into target/bench-data/ with `newapi-exporter generate`.
 
 mod clickhouse;
+mod engines;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -80,10 +81,16 @@ struct Exporter {
 
 impl Exporter {
     fn start(db: &Path, extra: &[&str]) -> Exporter {
+        let mut args = vec!["--sqlite-path", db.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Self::start_with(&args)
+    }
+
+    /// An exporter on the database `args` name.
+    fn start_with(args: &[&str]) -> Exporter {
         let mut child = Command::new(BIN)
-            .args(["--web.listen-address", "127.0.0.1:0", "--sqlite-path"])
-            .arg(db)
-            .args(extra)
+            .args(["--web.listen-address", "127.0.0.1:0"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -111,6 +118,18 @@ impl Exporter {
             std::thread::sleep(Duration::from_millis(2));
         }
         t.elapsed()
+    }
+
+    /// Polls made so far (the poll-time histogram's count).
+    fn polls(&self) -> f64 {
+        let body = ureq::get(format!("http://{}/metrics", self.addr))
+            .call()
+            .map(|mut r| r.body_mut().read_to_string().unwrap_or_default())
+            .unwrap_or_default();
+        body.lines()
+            .find_map(|l| l.strip_prefix("newapi_exporter_poll_duration_seconds_count "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     fn pid(&self) -> u32 {
@@ -576,6 +595,9 @@ fn main() {
     }
     if all || arg == "clickhouse" {
         clickhouse::run();
+    }
+    if all || arg == "engines" {
+        engines::run();
     }
     // Thirty minutes by default: run on its own.
     if arg == "soak" {

@@ -69,19 +69,47 @@ impl Dialect {
         }
     }
 
-    /// What ends a subquery in FROM so that the planner runs it on its own, each expression
-    /// of its select list once per row, rather than merging it into the outer query (which
-    /// copies those expressions into every place that uses them).
-    pub fn fence(&self) -> &'static str {
+    /// The bucket of a whole-number `value` among ascending `bounds`: the first `i` with
+    /// `value <= bounds[i]`, `bounds.len()` beyond the last, -1 when negative or NULL. Where the
+    /// engine has one, a single function call, so that `value` (perhaps text taken apart) is
+    /// computed once.
+    pub fn bucket_index(&self, value: &str, bounds: &[i64]) -> String {
+        // Thresholds for "how many are at most value": 0, then each bound + 1.
+        let thresholds: Vec<String> = std::iter::once(0)
+            .chain(bounds.iter().map(|b| b + 1))
+            .map(|t| t.to_string())
+            .collect();
         match self.0 {
-            // An OFFSET keeps SQLite from flattening the subquery (it runs as a co-routine).
-            Engine::Sqlite => " LIMIT -1 OFFSET 0",
-            // A LIMIT makes MySQL and MariaDB materialize a derived table instead of merging it.
-            Engine::Mysql => " LIMIT 18446744073709551615",
-            // OFFSET 0 keeps PostgreSQL from pulling the subquery up.
-            Engine::Postgres => " OFFSET 0",
-            // ClickHouse computes an expression used several times once.
-            Engine::Clickhouse => "",
+            Engine::Postgres => format!(
+                "COALESCE(width_bucket(CAST({value} AS BIGINT), ARRAY[{}]::bigint[]) - 1, -1)",
+                thresholds.join(", ")
+            ),
+            // INTERVAL() is -1 for NULL.
+            Engine::Mysql => format!(
+                "GREATEST(INTERVAL({value}, {}) - 1, -1)",
+                thresholds.join(", ")
+            ),
+            Engine::Sqlite | Engine::Clickhouse => {
+                let whens: Vec<String> = bounds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, le)| format!("WHEN {value} <= {le} THEN {i}"))
+                    .collect();
+                format!(
+                    "CASE WHEN {value} IS NULL OR {value} < 0 THEN -1 {} ELSE {} END",
+                    whens.join(" "),
+                    bounds.len()
+                )
+            }
+        }
+    }
+
+    /// `value` held to `[low, high]` (NULL stays NULL or becomes `low`), computed once.
+    pub fn clamp(&self, value: &str, low: i64, high: i64) -> String {
+        match self.0 {
+            Engine::Sqlite => format!("max(min({value}, {high}), {low})"),
+            Engine::Mysql | Engine::Postgres => format!("GREATEST(LEAST({value}, {high}), {low})"),
+            Engine::Clickhouse => format!("greatest(least({value}, {high}), {low})"),
         }
     }
 

@@ -110,9 +110,6 @@ pub struct LogsCollector {
     /// The same select list with one result row per log row, for reads where nearly every row
     /// is a group of its own anyway.
     per_row_select_sql: String,
-    /// What follows the condition of the grouped form: the end of the subquery that reads the
-    /// time to first response from `other`.
-    from_end: String,
     /// Whether one-shot commands read with it: on SQLite, where the rows cost no transfer and
     /// a full-history read would otherwise have the engine sort every row by eleven columns
     /// only to find groups of one row (a million rows make 830k groups), while the exporter
@@ -195,41 +192,15 @@ const C_FLAG: usize = 19;
 /// What kind of consume row the group holds (see [`RowKind`]).
 const C_KIND: usize = 20;
 /// The latency histograms, over rows dated from the start of the reconciliation's hours on
-/// (see [`LogsCollector::read`]): rows with a `use_time`, its sum, and how many took at most
-/// each of [`DURATION_BUCKETS`] (8 columns)...
-const C_DURATION_COUNT: usize = 21;
+/// (see [`LogsCollector::read`]): the group's bucket of [`DURATION_BUCKETS`] (-1: none; the
+/// number of bounds: beyond the last) and the sum of its `use_time`...
+const C_DURATION_BUCKET: usize = 21;
 const C_DURATION_SUM: usize = 22;
-const C_DURATION: usize = 23;
 /// ...and the same for the time to first response (`other.frt`, milliseconds).
-const C_FRT_COUNT: usize = 31;
-const C_FRT_SUM: usize = 32;
-const C_FRT: usize = 33;
+const C_FRT_BUCKET: usize = 23;
+const C_FRT_SUM: usize = 24;
 /// The username, selected and grouped by only with `--labels.user`.
-const C_USERNAME: usize = 41;
-
-/// The columns the subquery gives the request's duration (seconds) and time to first response
-/// (milliseconds): -1 when the row has none or is older than the histograms cover.
-const DURATION_COLUMN: &str = "newapi_duration";
-const FRT_COLUMN: &str = "newapi_frt";
-/// The columns of `logs` the statement reads, where the table has them.
-const INNER_COLUMNS: [&str; 16] = [
-    "id",
-    "type",
-    "created_at",
-    "user_id",
-    "username",
-    "token_name",
-    "token_id",
-    "model_name",
-    "channel_id",
-    "group",
-    "quota",
-    "prompt_tokens",
-    "completion_tokens",
-    "use_time",
-    "request_id",
-    "other",
-];
+const C_USERNAME: usize = 25;
 
 /// Upper bounds of the request-duration histogram's buckets: `use_time` is whole seconds,
 /// the gateway's elapsed time rounded down.
@@ -337,35 +308,6 @@ impl LogsCollector {
             cols.or(d, "user_id", "0")
         );
         let use_time = cols.or(d, "use_time", "0");
-        // The latency histograms' values, taken once per row by a subquery: the time to first
-        // response is text inside `other`, and every use of it in the select list would search
-        // the text again (engines substitute a merged subquery's expressions; the fence keeps
-        // it apart). Rows dated before the first `?` have neither, so that the cold start does
-        // not search all history.
-        let histogram_value =
-            |value: String| format!("CASE WHEN {created} >= ? THEN {value} ELSE -1 END");
-        let inner: Vec<String> = INNER_COLUMNS
-            .iter()
-            .filter(|c| cols.has(c))
-            .map(|c| d.ident(c))
-            .collect();
-        let from = format!(
-            "FROM (SELECT {}, {} AS {}, {} AS {} FROM logs WHERE ",
-            inner.join(", "),
-            histogram_value(if cols.has("use_time") {
-                format!("COALESCE({use_time}, -1)")
-            } else {
-                "-1".to_string()
-            }),
-            d.ident(DURATION_COLUMN),
-            histogram_value(if cols.has("other") {
-                d.json_int(&d.ident("other"), "frt")
-            } else {
-                "-1".to_string()
-            }),
-            d.ident(FRT_COLUMN),
-        );
-        let from_end = format!("{}) AS logs", d.fence());
         // In the order of the C_* constants.
         let select_list = |per_row: bool| {
             let mut exprs = vec![
@@ -417,36 +359,53 @@ impl LogsCollector {
                 other_has("quota_saturation"),
                 RowKind::Saturated as i64,
             ));
-            // The latency histograms: bucket counts summed in the same statement, so that the
-            // exporter adds up groups, not rows. The per-row form serves the one-shot commands,
-            // which render neither histograms nor usernames: its rows end before them.
+            // The latency histograms: each row's bucket is a grouping key, so that the database
+            // counts the rows per bucket and the exporter adds up groups, not rows. Rows dated
+            // before the `?` take no bucket (-1), and the test on the date comes first: the
+            // cold start does not take apart the text of every row ever logged. A value that
+            // is text taken apart (`other.frt`) is computed once per row where the engine has a
+            // bucket function. The per-row
+            // form serves the one-shot commands, which render neither histograms nor
+            // usernames: its rows end before them.
             if !per_row {
-                let count_if = |condition: String| {
-                    d.sum_int(&format!("CASE WHEN {condition} THEN 1 ELSE 0 END"))
+                let bucket = |value: &str, bounds: &[i64]| {
+                    format!(
+                        "CASE WHEN {created} < ? THEN -1 ELSE {} END",
+                        d.bucket_index(value, bounds)
+                    )
                 };
-                for (column, bounds) in [
-                    (DURATION_COLUMN, DURATION_BUCKETS),
-                    (FRT_COLUMN, FIRST_RESPONSE_BUCKETS_MS),
-                ] {
-                    let v = d.ident(column);
-                    exprs.push(count_if(format!("{v} >= 0")));
-                    exprs.push(d.sum_int(&format!(
-                        "CASE WHEN {v} BETWEEN 0 AND {MAX_AMOUNT} THEN {v} ELSE 0 END"
-                    )));
-                    for le in bounds {
-                        exprs.push(count_if(format!("{v} BETWEEN 0 AND {le}")));
+                // Values beyond 32 bits are held at its limit, so the sum cannot overflow.
+                let sum = |value: &str| {
+                    d.sum_int(&format!(
+                        "CASE WHEN {created} >= ? THEN {} ELSE 0 END",
+                        d.clamp(value, 0, MAX_AMOUNT)
+                    ))
+                };
+                let (duration, frt) = (
+                    cols.has("use_time").then(|| use_time.clone()),
+                    other.as_ref().map(|o| d.json_int(o, "frt")),
+                );
+                for value in [duration, frt]
+                    .iter()
+                    .zip([&DURATION_BUCKETS, &FIRST_RESPONSE_BUCKETS_MS])
+                {
+                    match value {
+                        (Some(v), bounds) => {
+                            exprs.push(bucket(v, bounds));
+                            exprs.push(sum(v));
+                        }
+                        // Still one `?` each, as the read binds them.
+                        (None, _) => {
+                            exprs.push(format!("CASE WHEN {created} < ? THEN -1 ELSE -1 END"));
+                            exprs.push(format!("CASE WHEN {created} < ? THEN 0 ELSE 0 END"));
+                        }
                     }
                 }
                 if labels.user {
                     exprs.push(d.text_key(&cols.or(d, "username", "NULL")));
                 }
             }
-            let from = if per_row {
-                "FROM logs WHERE "
-            } else {
-                from.as_str()
-            };
-            format!("SELECT {} {from}", d.select_list(&exprs))
+            format!("SELECT {} FROM logs WHERE ", d.select_list(&exprs))
         };
         let select_sql = select_list(false);
         let per_row_select_sql = select_list(true);
@@ -458,6 +417,7 @@ impl LogsCollector {
         }
         grouped.push(C_FLAG + 1);
         grouped.push(C_KIND + 1);
+        grouped.extend([C_DURATION_BUCKET + 1, C_FRT_BUCKET + 1]);
         if labels.user {
             grouped.push(C_USERNAME + 1);
         }
@@ -466,7 +426,6 @@ impl LogsCollector {
         let first_after_sql = format!("SELECT MIN({id}) FROM logs WHERE {created} > ?");
         LogsCollector {
             per_row_select_sql,
-            from_end,
             per_row_on_one_shot: dialect.0 == Engine::Sqlite,
             row_sql,
             first_after_sql,
@@ -600,7 +559,7 @@ impl LogsCollector {
         let one_shot_per_row = self.per_row_on_one_shot && ctx.one_shot();
         if !one_shot_per_row {
             let since = ctx.hourly_range().0;
-            all.extend([Value::Int(since), Value::Int(since)]);
+            all.extend([since; 4].map(Value::Int));
         }
         all.extend_from_slice(params);
         let group = if by_row {
@@ -611,7 +570,7 @@ impl LogsCollector {
         let sql = if one_shot_per_row {
             format!("{}{condition}", self.per_row_select_sql)
         } else {
-            format!("{}{condition}{}{group}", self.select_sql, self.from_end)
+            format!("{}{condition}{group}", self.select_sql)
         };
         let groups = db.query(&sql, &all)?;
         let mut read = 0;
@@ -632,6 +591,8 @@ impl LogsCollector {
         // Sums are never negative by construction; clamp anyway so bad data cannot wrap.
         let uint = |i: usize| int(i).max(0) as u64;
         let label = |i: usize| row.get(i).map(Value::label_ref).unwrap_or_default();
+        // A histogram bucket column: the first cumulative bucket the group's rows count in.
+        let bucket = |i: usize| usize::try_from(row.get(i).and_then(Value::as_i64)?).ok();
         let rows = uint(C_ROWS);
         let set_aside = Reason::of_flag(int(C_FLAG));
         if let Some(reason) = set_aside {
@@ -720,16 +681,20 @@ impl LogsCollector {
                     u.prompt_tokens = u.prompt_tokens.saturating_add(uint(C_PROMPT));
                     u.completion_tokens = u.completion_tokens.saturating_add(uint(C_COMPLETION));
                     u.use_time_seconds = u.use_time_seconds.saturating_add(uint(C_USE_TIME));
-                    u.duration_count = u.duration_count.saturating_add(uint(C_DURATION_COUNT));
-                    u.duration_seconds = u.duration_seconds.saturating_add(uint(C_DURATION_SUM));
-                    for (i, b) in u.duration_buckets.iter_mut().enumerate() {
-                        *b = b.saturating_add(uint(C_DURATION + i));
+                    if let Some(i) = bucket(C_DURATION_BUCKET) {
+                        u.duration_count = u.duration_count.saturating_add(rows);
+                        u.duration_seconds =
+                            u.duration_seconds.saturating_add(uint(C_DURATION_SUM));
+                        for b in u.duration_buckets.iter_mut().skip(i) {
+                            *b = b.saturating_add(rows);
+                        }
                     }
-                    u.first_response_count =
-                        u.first_response_count.saturating_add(uint(C_FRT_COUNT));
-                    u.first_response_ms = u.first_response_ms.saturating_add(uint(C_FRT_SUM));
-                    for (i, b) in u.first_response_buckets.iter_mut().enumerate() {
-                        *b = b.saturating_add(uint(C_FRT + i));
+                    if let Some(i) = bucket(C_FRT_BUCKET) {
+                        u.first_response_count = u.first_response_count.saturating_add(rows);
+                        u.first_response_ms = u.first_response_ms.saturating_add(uint(C_FRT_SUM));
+                        for b in u.first_response_buckets.iter_mut().skip(i) {
+                            *b = b.saturating_add(rows);
+                        }
                     }
                 }
             },
