@@ -5,12 +5,9 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use newapi_exporter::clock::{HOUR, unix_now};
-use newapi_exporter::collect::Settings;
 use newapi_exporter::db::dsn::DbConfig;
 use newapi_exporter::demo::gateway::CLICKHOUSE_LOGS_DDL as LOGS_DDL;
 use newapi_exporter::poll::Pipeline;
@@ -143,14 +140,7 @@ fn consume(model: &str, created_at: i64, quota: i64, request_id: &str) -> String
 fn pipeline(sqlite: &Path, log_dsn: Option<&str>) -> (newapi_exporter::db::Sources, Pipeline) {
     let main = DbConfig::Sqlite(sqlite.to_path_buf());
     let logs = log_dsn.map(|d| DbConfig::from_dsn(Some(d), Path::new("unused.db")).unwrap());
-    let mut src = newapi_exporter::db::open(&main, &logs).unwrap();
-    let p = Pipeline::build(
-        &mut src,
-        Settings::default(),
-        Arc::new(AtomicBool::new(false)),
-    )
-    .unwrap();
-    (src, p)
+    pipeline_on(&main, &logs)
 }
 
 fn scrape(p: &Pipeline) -> Vec<Sample> {

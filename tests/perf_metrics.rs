@@ -2,11 +2,7 @@
 //! creates it, against hand-computed values; hours that freeze between polls are counted once,
 //! and the table's retention cleanup never lowers the counters.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-
 use newapi_exporter::clock::{HOUR, hour_of, unix_now};
-use newapi_exporter::collect::Settings;
 use newapi_exporter::collect::plausible::Reason;
 use newapi_exporter::db::dsn::DbConfig;
 use newapi_exporter::poll::Pipeline;
@@ -116,14 +112,7 @@ fn check(samples: &[Sample], expected: &[(&str, &str, f64, f64, f64)], what: &st
 }
 
 fn pipeline(config: &DbConfig) -> (newapi_exporter::db::Sources, Pipeline) {
-    let mut src = newapi_exporter::db::open(config, &None).unwrap();
-    let p = Pipeline::build(
-        &mut src,
-        Settings::default(),
-        Arc::new(AtomicBool::new(false)),
-    )
-    .unwrap();
-    (src, p)
+    pipeline_on(config, &None)
 }
 
 #[test]

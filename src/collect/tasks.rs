@@ -33,7 +33,7 @@ pub const MJ_UNFINISHED: [&str; 6] = [
 pub const MJ_PLATFORM: &str = "midjourney";
 /// Jobs finished within this span make the usual duration.
 const USUAL_SPAN_SECS: i64 = 86_400;
-/// Midjourney times are milliseconds; a value below this is taken as seconds.
+/// In a table of milliseconds, a time below this is taken as seconds.
 const MS_FROM: i64 = 100_000_000_000;
 
 fn quoted(values: &[&str]) -> String {
@@ -44,105 +44,75 @@ fn quoted(values: &[&str]) -> String {
         .join(", ")
 }
 
+/// What one reading of the job tables found.
 #[derive(Debug, Default)]
-pub struct TasksCollector {
+struct Jobs {
     /// (platform, status) → jobs in flight.
     in_flight: BTreeMap<(String, String), i64>,
     /// platform → oldest submit time of a job in flight.
     oldest: BTreeMap<String, i64>,
     /// platform → mean seconds from submission to finish over the last day.
     usual: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Default)]
+pub struct TasksCollector {
+    jobs: Jobs,
     read_at: i64,
 }
 
-impl TasksCollector {
-    /// Jobs of `tasks`, by their platform.
-    fn read_tasks(
-        &self,
-        src: &mut Sources,
-        ctx: &mut Context,
-        in_flight: &mut BTreeMap<(String, String), i64>,
-        oldest: &mut BTreeMap<String, i64>,
-        usual: &mut BTreeMap<String, f64>,
-    ) -> Result<()> {
-        let Some(cols) = &ctx.schema.tasks else {
-            return Ok(());
-        };
-        if ![
-            "platform",
-            "status",
-            "submit_time",
-            "finish_time",
-            "progress",
-        ]
-        .iter()
-        .all(|c| cols.has(c))
-        {
-            return Ok(());
-        }
-        let db = src.main();
-        let d = db.dialect();
-        let (platform, status, submit, finish, progress) = (
-            d.ident("platform"),
-            d.ident("status"),
-            d.ident("submit_time"),
-            d.ident("finish_time"),
-            d.ident("progress"),
-        );
-        let flying = db.query(
-            &format!(
-                "SELECT {platform}, {status}, COUNT(*), MIN({submit}) FROM tasks \
-                 WHERE {status} IN ({}) AND {progress} <> '100%' GROUP BY 1, 2",
-                quoted(&UNFINISHED)
-            ),
-            &[],
-        )?;
-        let finished = db.query(
-            &format!(
-                "SELECT {platform}, COUNT(*), {} FROM tasks WHERE {submit} >= ? \
-                 AND {status} IN ('SUCCESS', 'FAILURE') AND {finish} >= {submit} GROUP BY 1",
-                d.sum_int(&format!("{finish} - {submit}"))
-            ),
-            &[Value::Int(ctx.now - USUAL_SPAN_SECS)],
-        )?;
-        let text = |r: &[Value], i: usize| r.get(i).map(Value::to_label).unwrap_or_default();
-        let int = |r: &[Value], i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
-        for r in &flying {
-            let p = text(r, 0);
-            *in_flight.entry((p.clone(), text(r, 1))).or_default() += int(r, 2);
-            // A job without a submit time says nothing about its age.
-            let submitted = int(r, 3);
-            if submitted > 0 {
-                let e = oldest.entry(p).or_insert(submitted);
-                *e = (*e).min(submitted);
-            }
-        }
-        for r in &finished {
-            let n = int(r, 1);
-            if n > 0 {
-                usual.insert(text(r, 0), int(r, 2) as f64 / n as f64);
-            }
-        }
-        ctx.count_rows("tasks", (flying.len() + finished.len()) as u64);
-        Ok(())
-    }
+/// One table of async jobs, as the gateway writes it.
+struct JobTable {
+    name: &'static str,
+    /// The platform: a column, or one platform for the whole table.
+    platform: Platform,
+    unfinished: &'static [&'static str],
+    /// Times in milliseconds rather than seconds.
+    milliseconds: bool,
+}
 
-    /// Midjourney jobs, as platform `midjourney`, added to what `tasks` gave.
-    fn read_midjourneys(
+enum Platform {
+    Column,
+    All(&'static str),
+}
+
+/// The gateway's tables of async jobs: `tasks` (video, music, ...) and `midjourneys`.
+const JOB_TABLES: [JobTable; 2] = [
+    JobTable {
+        name: "tasks",
+        platform: Platform::Column,
+        unfinished: &UNFINISHED,
+        milliseconds: false,
+    },
+    JobTable {
+        name: "midjourneys",
+        platform: Platform::All(MJ_PLATFORM),
+        unfinished: &MJ_UNFINISHED,
+        milliseconds: true,
+    },
+];
+
+impl TasksCollector {
+    /// The jobs of one table, added to what the tables before it gave.
+    fn read_table(
         &self,
         src: &mut Sources,
         ctx: &mut Context,
-        in_flight: &mut BTreeMap<(String, String), i64>,
-        oldest: &mut BTreeMap<String, i64>,
-        usual: &mut BTreeMap<String, f64>,
+        table: &JobTable,
+        jobs: &mut Jobs,
     ) -> Result<()> {
-        let Some(cols) = &ctx.schema.midjourneys else {
+        let cols = match table.name {
+            "tasks" => &ctx.schema.tasks,
+            _ => &ctx.schema.midjourneys,
+        };
+        let Some(cols) = cols else {
             return Ok(());
         };
-        if !["status", "progress", "submit_time", "finish_time"]
-            .iter()
-            .all(|c| cols.has(c))
-        {
+        let mut needed = vec!["status", "submit_time", "finish_time", "progress"];
+        if matches!(table.platform, Platform::Column) {
+            needed.push("platform");
+        }
+        if !needed.iter().all(|c| cols.has(c)) {
             return Ok(());
         }
         let db = src.main();
@@ -153,43 +123,55 @@ impl TasksCollector {
             d.ident("finish_time"),
             d.ident("progress"),
         );
+        let platform = match table.platform {
+            Platform::Column => d.ident("platform"),
+            Platform::All(name) => format!("'{name}'"),
+        };
+        let name = table.name;
         let flying = db.query(
             &format!(
-                "SELECT {status}, COUNT(*), MIN({submit}) FROM midjourneys \
-                 WHERE {status} IN ({}) AND {progress} <> '100%' GROUP BY 1",
-                quoted(&MJ_UNFINISHED)
+                "SELECT {platform}, {status}, COUNT(*), MIN({submit}) FROM {name} \
+                 WHERE {status} IN ({}) AND {progress} <> '100%' GROUP BY 1, 2",
+                quoted(table.unfinished)
             ),
             &[],
         )?;
+        let unit = if table.milliseconds { 1000 } else { 1 };
         let finished = db.query(
             &format!(
-                "SELECT COUNT(*), {} FROM midjourneys WHERE {submit} >= ? \
-                 AND {status} IN ('SUCCESS', 'FAILURE') AND {finish} >= {submit}",
+                "SELECT {platform}, COUNT(*), {} FROM {name} WHERE {submit} >= ? \
+                 AND {status} IN ('SUCCESS', 'FAILURE') AND {finish} >= {submit} GROUP BY 1",
                 d.sum_int(&format!("{finish} - {submit}"))
             ),
-            &[Value::Int((ctx.now - USUAL_SPAN_SECS).saturating_mul(1000))],
+            &[Value::Int((ctx.now - USUAL_SPAN_SECS).saturating_mul(unit))],
         )?;
-        ctx.count_rows("midjourneys", (flying.len() + finished.len()) as u64);
+        ctx.count_rows(name, (flying.len() + finished.len()) as u64);
         let text = |r: &[Value], i: usize| r.get(i).map(Value::to_label).unwrap_or_default();
         let int = |r: &[Value], i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
-        let seconds = |t: i64| if t >= MS_FROM { t / 1000 } else { t };
+        // A table in milliseconds may still hold a row in seconds (an import).
+        let seconds = |t: i64| {
+            if table.milliseconds && t >= MS_FROM {
+                t / 1000
+            } else {
+                t
+            }
+        };
         for r in &flying {
-            *in_flight
-                .entry((MJ_PLATFORM.to_string(), text(r, 0)))
-                .or_default() += int(r, 1);
-            let submitted = seconds(int(r, 2));
+            let p = text(r, 0);
+            *jobs.in_flight.entry((p.clone(), text(r, 1))).or_default() += int(r, 2);
+            // A job without a submit time says nothing about its age.
+            let submitted = seconds(int(r, 3));
             if submitted > 0 {
-                let e = oldest.entry(MJ_PLATFORM.to_string()).or_insert(submitted);
+                let e = jobs.oldest.entry(p).or_insert(submitted);
                 *e = (*e).min(submitted);
             }
         }
-        if let Some(r) = finished.first()
-            && int(r, 0) > 0
-        {
-            usual.insert(
-                MJ_PLATFORM.to_string(),
-                int(r, 1) as f64 / 1000.0 / int(r, 0) as f64,
-            );
+        for r in &finished {
+            let n = int(r, 1);
+            if n > 0 {
+                let secs = int(r, 2) as f64 / unit as f64;
+                jobs.usual.insert(text(r, 0), secs / n as f64);
+            }
         }
         Ok(())
     }
@@ -202,27 +184,26 @@ impl Collector for TasksCollector {
 
     fn poll(&mut self, src: &mut Sources, ctx: &mut Context) -> Result<()> {
         // All or nothing: the state changes once both tables are read.
-        let mut in_flight = BTreeMap::new();
-        let mut oldest = BTreeMap::new();
-        let mut usual = BTreeMap::new();
-        self.read_tasks(src, ctx, &mut in_flight, &mut oldest, &mut usual)?;
-        self.read_midjourneys(src, ctx, &mut in_flight, &mut oldest, &mut usual)?;
-        (self.in_flight, self.oldest, self.usual) = (in_flight, oldest, usual);
+        let mut jobs = Jobs::default();
+        for table in &JOB_TABLES {
+            self.read_table(src, ctx, table, &mut jobs)?;
+        }
+        self.jobs = jobs;
         self.read_at = ctx.now;
         Ok(())
     }
 
     fn render(&self, _ctx: &Context, out: &mut Vec<MetricFamily>) {
         let mut flying = Family::of(&m::TASKS_IN_FLIGHT);
-        for ((platform, status), n) in &self.in_flight {
+        for ((platform, status), n) in &self.jobs.in_flight {
             flying.sample(&[("platform", platform), ("status", status)], *n as f64);
         }
         let mut oldest = Family::of(&m::TASKS_OLDEST_IN_FLIGHT_AGE_SECONDS);
-        for (platform, t) in &self.oldest {
+        for (platform, t) in &self.jobs.oldest {
             oldest.sample(&[("platform", platform)], (self.read_at - t).max(0) as f64);
         }
         let mut usual = Family::of(&m::TASKS_USUAL_DURATION_SECONDS);
-        for (platform, secs) in &self.usual {
+        for (platform, secs) in &self.jobs.usual {
             usual.sample(&[("platform", platform)], *secs);
         }
         for f in [flying, oldest, usual] {

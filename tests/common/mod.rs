@@ -389,15 +389,28 @@ pub fn scrape_pipeline(p: &newapi_exporter::poll::Pipeline) -> Vec<Sample> {
     parse_metrics(&text)
 }
 
-/// One poll at time `now` of a fresh pipeline on the database `config` names, rendered.
-pub fn poll_at(config: &newapi_exporter::db::dsn::DbConfig, now: i64) -> Vec<Sample> {
-    let mut src = newapi_exporter::db::open(config, &None).unwrap();
-    let mut p = newapi_exporter::poll::Pipeline::build(
+/// A pipeline with the default settings on the databases `main` and `logs` name, and their
+/// connections: tests drive its polls at the times they choose.
+pub fn pipeline_on(
+    main: &newapi_exporter::db::dsn::DbConfig,
+    logs: &Option<newapi_exporter::db::dsn::DbConfig>,
+) -> (
+    newapi_exporter::db::Sources,
+    newapi_exporter::poll::Pipeline,
+) {
+    let mut src = newapi_exporter::db::open(main, logs).unwrap();
+    let p = newapi_exporter::poll::Pipeline::build(
         &mut src,
         newapi_exporter::collect::Settings::default(),
         std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
     )
     .unwrap();
+    (src, p)
+}
+
+/// One poll at time `now` of a fresh pipeline on the database `config` names, rendered.
+pub fn poll_at(config: &newapi_exporter::db::dsn::DbConfig, now: i64) -> Vec<Sample> {
+    let (mut src, mut p) = pipeline_on(config, &None);
     p.poll(&mut src, now).unwrap();
     scrape_pipeline(&p)
 }
