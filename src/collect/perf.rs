@@ -66,6 +66,14 @@ impl Totals {
 /// (model, group).
 type Key = (String, String);
 
+/// What one read of a span of hours found.
+#[derive(Debug, Default)]
+struct Reading {
+    sums: BTreeMap<Key, Totals>,
+    /// Rows out of range: the smallest id and how many, per statement.
+    set_aside: Vec<(i64, u64)>,
+}
+
 /// The statements, built for the table's dialect.
 #[derive(Debug)]
 struct Statements {
@@ -127,18 +135,18 @@ impl PerfCollector {
         }
     }
 
-    /// Sums of the buckets in `[from, until)`, one statement per day that has buckets. With
-    /// `settle`, rows out of range are counted as set aside (settled hours are read once).
+    /// Sums of the buckets in `[from, until)`, one statement per day that has buckets, and the
+    /// rows out of range among them.
     fn read(
         &self,
         db: &mut dyn Database,
         ctx: &mut Context,
         from: i64,
         until: i64,
-        settle: bool,
-    ) -> Result<BTreeMap<Key, Totals>> {
+    ) -> Result<Reading> {
         let st = self.statements.as_ref().expect("built before reading");
         let mut sums: BTreeMap<Key, Totals> = BTreeMap::new();
+        let mut set_aside = Vec::new();
         let first = |db: &mut dyn Database, lo: i64| -> Result<Option<i64>> {
             let rows = db.query(&st.next_bucket, &[Value::Int(lo), Value::Int(until)])?;
             Ok(rows.first().and_then(|r| r.first()).and_then(Value::as_i64))
@@ -154,13 +162,8 @@ impl PerfCollector {
             for r in &rows {
                 let text = |i: usize| r.get(i).map(Value::to_label).unwrap_or_default();
                 let int = |i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
-                if settle && int(5) > 0 {
-                    ctx.reject(
-                        "perf_metrics",
-                        Reason::AmountOutOfRange,
-                        int(6),
-                        int(5) as u64,
-                    );
+                if int(5) > 0 {
+                    set_aside.push((int(6), int(5) as u64));
                 }
                 sums.entry((text(0), text(1))).or_default().add(&Totals {
                     requests: int(2),
@@ -170,7 +173,7 @@ impl PerfCollector {
             }
             next = if hi < until { first(db, hi)? } else { None };
         }
-        Ok(sums)
+        Ok(Reading { sums, set_aside })
     }
 }
 
@@ -194,19 +197,27 @@ impl Collector for PerfCollector {
         // Buckets before 2020 or dated ahead of the plausible time belong to no real hour.
         let frozen_from = self.frozen_below.unwrap_or(MIN_TIME);
         // All or nothing: the state changes only once every read has succeeded.
-        let newly_frozen = if frozen_from < live_from {
-            self.read(db, ctx, frozen_from, live_from, true)?
+        let Reading {
+            sums: newly_frozen,
+            set_aside,
+        } = if frozen_from < live_from {
+            self.read(db, ctx, frozen_from, live_from)?
         } else {
-            BTreeMap::new()
+            Default::default()
         };
         let live_from = live_from.max(frozen_from);
         let until = ctx.plausible().latest.saturating_add(1);
-        let live = self.read(db, ctx, live_from, until, false)?;
+        let live = self.read(db, ctx, live_from, until)?.sums;
         if ctx.stopping() {
             return Ok(());
         }
         for (k, t) in newly_frozen {
             self.frozen.entry(k).or_default().add(&t);
+        }
+        // Rows set aside are counted as their hours freeze, each hour once, and only by a
+        // poll that succeeded.
+        for (id, n) in set_aside {
+            ctx.reject("perf_metrics", Reason::AmountOutOfRange, id, n);
         }
         self.frozen_below = Some(live_from);
         self.live = live;
