@@ -121,7 +121,7 @@ impl ClickhouseDb {
 
 impl Database for ClickhouseDb {
     fn dialect(&self) -> Dialect {
-        Dialect(Engine::Clickhouse)
+        Dialect::of(Engine::Clickhouse)
     }
 
     fn describe(&self) -> String {

@@ -11,9 +11,18 @@ pub enum Engine {
     Clickhouse,
 }
 
-/// SQL spelling that differs between engines.
+/// SQL spelling that differs between engines: the engine, and on MySQL and MariaDB the binary
+/// collation without trailing-space padding that the server has (MariaDB 10.2 on,
+/// MySQL 8.0.17 on), which groups text byte for byte faster than a cast to binary.
 #[derive(Debug, Clone, Copy)]
-pub struct Dialect(pub Engine);
+pub struct Dialect(pub Engine, pub Option<&'static str>);
+
+impl Dialect {
+    /// An engine's spelling without a server-specific collation.
+    pub fn of(engine: Engine) -> Self {
+        Dialect(engine, None)
+    }
+}
 
 impl Dialect {
     /// Quotes an identifier; needed for the gateway's reserved-word columns `group` and `key`.
@@ -117,7 +126,11 @@ impl Dialect {
     /// collations fold case and trailing spaces, which would merge distinct model names.
     pub fn text_key(&self, expr: &str) -> String {
         match self.0 {
-            Engine::Mysql => format!("CAST({expr} AS BINARY)"),
+            // Converted first: the column may have another character set.
+            Engine::Mysql => match self.1 {
+                Some(collation) => format!("CONVERT({expr} USING utf8mb4) COLLATE {collation}"),
+                None => format!("CAST({expr} AS BINARY)"),
+            },
             Engine::Sqlite | Engine::Postgres | Engine::Clickhouse => expr.to_string(),
         }
     }

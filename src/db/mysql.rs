@@ -17,6 +17,8 @@ pub struct MysqlDb {
     rt: tokio::runtime::Runtime,
     pool: MySqlPool,
     describe: String,
+    /// The binary NO PAD collation text keys group by, where the server has one.
+    nopad_bin: Option<&'static str>,
 }
 
 /// go-sql-driver's `tls` parameter in sqlx's terms.
@@ -78,7 +80,36 @@ impl MysqlDb {
                     .connect_with(opts),
             )
             .map_err(|e| super::once(e, format!("cannot connect to {describe}")))?;
-        Ok(MysqlDb { rt, pool, describe })
+        // The server's version says which binary NO PAD collation it has, if any.
+        let version: Option<String> = rt
+            .block_on(sqlx::query_scalar::<_, String>("SELECT VERSION()").fetch_one(&pool))
+            .ok();
+        let nopad_bin = version.as_deref().and_then(nopad_bin_collation);
+        Ok(MysqlDb {
+            rt,
+            pool,
+            describe,
+            nopad_bin,
+        })
+    }
+}
+
+/// The binary collation without trailing-space padding a server of this `VERSION()` has:
+/// MariaDB 10.2 on, MySQL 8.0.17 on; `None` before (5.7 pads spaces in every collation).
+fn nopad_bin_collation(version: &str) -> Option<&'static str> {
+    // MariaDB before 11 may put MySQL's 5.5.5 before its own version.
+    let numbers: Vec<u32> = version
+        .strip_prefix("5.5.5-")
+        .unwrap_or(version)
+        .split(|c: char| !c.is_ascii_digit())
+        .take(3)
+        .map(|n| n.parse().unwrap_or(0))
+        .collect();
+    let at_least = |want: [u32; 3]| numbers.as_slice() >= want.as_slice();
+    if version.contains("MariaDB") {
+        at_least([10, 2, 2]).then_some("utf8mb4_nopad_bin")
+    } else {
+        at_least([8, 0, 17]).then_some("utf8mb4_0900_bin")
     }
 }
 
@@ -121,7 +152,7 @@ fn decode(row: &MySqlRow) -> Result<Row> {
 
 impl Database for MysqlDb {
     fn dialect(&self) -> Dialect {
-        Dialect(Engine::Mysql)
+        Dialect(Engine::Mysql, self.nopad_bin)
     }
 
     fn describe(&self) -> String {
@@ -214,5 +245,25 @@ impl Drop for MysqlDb {
         let _ = self
             .rt
             .block_on(async { tokio::time::timeout(Duration::from_secs(1), pool.close()).await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nopad_bin_collation;
+
+    #[test]
+    fn the_nopad_collation_follows_the_server_version() {
+        for (version, want) in [
+            ("10.11.19-MariaDB-0+deb12u1", Some("utf8mb4_nopad_bin")),
+            ("5.5.5-10.6.12-MariaDB", Some("utf8mb4_nopad_bin")),
+            ("10.1.48-MariaDB", None),
+            ("8.0.36", Some("utf8mb4_0900_bin")),
+            ("8.0.16", None),
+            ("5.7.44-log", None),
+            ("", None),
+        ] {
+            assert_eq!(nopad_bin_collation(version), want, "{version}");
+        }
     }
 }

@@ -92,7 +92,7 @@ fn decode(row: &PgRow) -> Result<Row> {
 
 impl Database for PostgresDb {
     fn dialect(&self) -> Dialect {
-        Dialect(Engine::Postgres)
+        Dialect::of(Engine::Postgres)
     }
 
     fn describe(&self) -> String {

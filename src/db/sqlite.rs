@@ -268,7 +268,7 @@ fn to_sql(v: &Value) -> rusqlite::types::Value {
 
 impl Database for SqliteDb {
     fn dialect(&self) -> Dialect {
-        Dialect(Engine::Sqlite)
+        Dialect::of(Engine::Sqlite)
     }
 
     fn describe(&self) -> String {
