@@ -10,10 +10,10 @@
 //! picks other sizes (comma-separated).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::{Exporter, database, median};
+use super::{Exporter, cold_start_against, database};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Engine {
@@ -39,14 +39,12 @@ struct Server {
 impl Server {
     /// The DSN of `db` on the same server.
     fn dsn_of(&self, db: &str) -> String {
+        // Both forms end in `/database`.
         let (base, _) = self.dsn.rsplit_once('/').expect("a DSN with a database");
-        match self.engine {
-            Engine::Mysql => format!("{base}/{db}"),
-            Engine::Postgres => format!("{base}/{db}"),
-        }
+        format!("{base}/{db}")
     }
 
-    /// The engine's own client on `db`, reading SQL from `sql`.
+    /// The engine's own client on `db`.
     fn client(&self, db: &str) -> Command {
         match self.engine {
             Engine::Mysql => {
@@ -341,23 +339,10 @@ pub fn run() {
             let db = format!("newapi_bench_{rows}");
             load(&server, &db, rows);
             let sql = usage_group_by(server.engine);
-            let mut client = Vec::new();
-            let mut ours = Vec::new();
-            for _ in 0..3 {
-                let t = Instant::now();
-                let status = server
-                    .command(&db, &sql)
-                    .stdout(Stdio::null())
-                    .status()
-                    .unwrap();
-                assert!(status.success());
-                client.push(t.elapsed().as_secs_f64());
-                let started = Instant::now();
-                let e = Exporter::start_with(&["--sql-dsn", &server.dsn_of(&db)]);
-                e.wait_ready();
-                ours.push(started.elapsed().as_secs_f64());
-            }
-            let (c, o) = (median(client), median(ours));
+            let (c, o) = cold_start_against(
+                &mut server.command(&db, &sql),
+                &["--sql-dsn", &server.dsn_of(&db)],
+            );
             println!(
                 "  {} {rows:>9} rows: client {c:.2} s, exporter {o:.2} s to ready, ratio {:.2} (target <= 1.5)",
                 server.engine.name(),

@@ -53,7 +53,10 @@ pub fn for_schema(
         Box::new(users::UsersCollector::default()),
         Box::new(nodes::NodesCollector::default()),
         Box::new(tasks::TasksCollector::default()),
-        Box::new(perf::PerfCollector::new(settings.labels.max_series)),
+        Box::new(perf::PerfCollector::new(
+            src.main().dialect(),
+            settings.labels.max_series,
+        )),
     ];
     if has_quota_data {
         collectors.push(Box::new(QuotaDataCollector::new(

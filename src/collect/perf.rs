@@ -113,7 +113,7 @@ impl Statements {
 }
 
 pub struct PerfCollector {
-    statements: Option<Statements>,
+    statements: Statements,
     /// Hours before this are summed into `frozen`; `None` until the first read.
     frozen_below: Option<i64>,
     frozen: BTreeMap<Key, Totals>,
@@ -124,9 +124,9 @@ pub struct PerfCollector {
 }
 
 impl PerfCollector {
-    pub fn new(max_series: Option<usize>) -> Self {
+    pub fn new(dialect: Dialect, max_series: Option<usize>) -> Self {
         PerfCollector {
-            statements: None,
+            statements: Statements::new(dialect),
             frozen_below: None,
             frozen: BTreeMap::new(),
             live: BTreeMap::new(),
@@ -144,7 +144,7 @@ impl PerfCollector {
         from: i64,
         until: i64,
     ) -> Result<Reading> {
-        let st = self.statements.as_ref().expect("built before reading");
+        let st = &self.statements;
         let mut sums: BTreeMap<Key, Totals> = BTreeMap::new();
         let mut set_aside = Vec::new();
         let first = |db: &mut dyn Database, lo: i64| -> Result<Option<i64>> {
@@ -190,9 +190,6 @@ impl Collector for PerfCollector {
             return Ok(());
         }
         let db = src.main();
-        if self.statements.is_none() {
-            self.statements = Some(Statements::new(db.dialect()));
-        }
         let live_from = hour_of(ctx.now) - LIVE_HOURS * HOUR;
         // Buckets before 2020 or dated ahead of the plausible time belong to no real hour.
         let frozen_from = self.frozen_below.unwrap_or(MIN_TIME);

@@ -17,6 +17,7 @@ use prometheus::proto::MetricFamily;
 use super::{Collector, Context};
 use crate::db::{Sources, Value};
 use crate::metrics::{self as m, Family};
+use crate::schema::{Columns, Schema};
 
 /// The gateway's statuses of a job not yet settled.
 pub const UNFINISHED: [&str; 5] = ["NOT_START", "SUBMITTED", "QUEUED", "IN_PROGRESS", "UNKNOWN"];
@@ -64,6 +65,8 @@ pub struct TasksCollector {
 /// One table of async jobs, as the gateway writes it.
 struct JobTable {
     name: &'static str,
+    /// The table's columns in the detected schema.
+    columns: fn(&Schema) -> &Option<Columns>,
     /// The platform: a column, or one platform for the whole table.
     platform: Platform,
     unfinished: &'static [&'static str],
@@ -80,12 +83,14 @@ enum Platform {
 const JOB_TABLES: [JobTable; 2] = [
     JobTable {
         name: "tasks",
+        columns: |s| &s.tasks,
         platform: Platform::Column,
         unfinished: &UNFINISHED,
         milliseconds: false,
     },
     JobTable {
         name: "midjourneys",
+        columns: |s| &s.midjourneys,
         platform: Platform::All(MJ_PLATFORM),
         unfinished: &MJ_UNFINISHED,
         milliseconds: true,
@@ -101,11 +106,7 @@ impl TasksCollector {
         table: &JobTable,
         jobs: &mut Jobs,
     ) -> Result<()> {
-        let cols = match table.name {
-            "tasks" => &ctx.schema.tasks,
-            _ => &ctx.schema.midjourneys,
-        };
-        let Some(cols) = cols else {
+        let Some(cols) = (table.columns)(&ctx.schema) else {
             return Ok(());
         };
         let mut needed = vec!["status", "submit_time", "finish_time", "progress"];
