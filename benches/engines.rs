@@ -11,9 +11,11 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Exporter, cold_start_against, database};
+use super::{Exporter, cold_start_against, cpu_seconds, database, which};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Engine {
@@ -119,6 +121,18 @@ impl Server {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// The URL sqlx takes for `db`.
+    fn url_of(&self, db: &str) -> String {
+        match self.engine {
+            Engine::Postgres => self.dsn_of(db),
+            Engine::Mysql => {
+                let (auth, rest) = self.dsn.split_once("@tcp(").unwrap();
+                let (addr, _) = rest.split_once(')').unwrap();
+                format!("mysql://{auth}@{addr}/{db}")
+            }
+        }
+    }
+
     fn admin_db(&self) -> String {
         self.dsn.rsplit_once('/').unwrap().1.to_string()
     }
@@ -222,6 +236,22 @@ fn load(server: &Server, db: &str, rows: i64) {
     if present > 0 && (present - rows).abs() <= rows / 10 {
         return;
     }
+    copy(server, db, rows);
+    if server.engine == Engine::Postgres {
+        // The copy gave the ids: the sequences go on after them, for the writer's inserts.
+        for table in ["logs", "quota_data"] {
+            server.run(
+                db,
+                &format!(
+                    "SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT MAX(id) FROM {table}))"
+                ),
+            );
+        }
+    }
+}
+
+/// Copies the SQLite benchmark database of `rows` into a new database `db` on the server.
+fn copy(server: &Server, db: &str, rows: i64) {
     let t = Instant::now();
     let sqlite = database(rows);
     let dir = tempfile::tempdir().unwrap();
@@ -301,6 +331,274 @@ fn rows_examined(server: &Server, db: &str) -> i64 {
         .map_or(0, |v| v as i64)
 }
 
+/// A gateway-like writer on `db`: every 10 ms it inserts a consume log row and adds it to an
+/// hour of quota_data (the statements the gateway runs per request and per flush), each in its
+/// own transaction. Stopping it returns how long each write took.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(Vec<Duration>, usize)>,
+}
+
+impl Writer {
+    fn start(server: &Server, db: &str) -> Writer {
+        let (url, engine) = (server.url_of(db), server.engine);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            use sqlx::{AssertSqlSafe, Connection};
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let now = newapi_exporter::clock::unix_now();
+            let insert = format!(
+                "INSERT INTO logs (user_id, created_at, type, content, username, token_name, model_name, \
+                 quota, prompt_tokens, completion_tokens, use_time, channel_id, token_id, {group}, request_id, other) \
+                 VALUES (7, {now}, 2, 'model ratio 1.25', 'user7', 'default', 'gpt-4o', 1500, 500, 100, 3, 1, 7, \
+                 'default', 'req-writer', '{{\"model_ratio\":1.25,\"frt\":420}}')",
+                group = match engine {
+                    Engine::Mysql => "`group`",
+                    Engine::Postgres => "\"group\"",
+                }
+            );
+            let flush = format!(
+                "UPDATE quota_data SET count = count + 1, quota = quota + 1500, token_used = token_used + 600 \
+                 WHERE id = (SELECT id FROM (SELECT MAX(id) AS id FROM quota_data) newest) AND created_at <= {now}"
+            );
+            let (mut took, mut lock_timeouts) = (Vec::new(), 0);
+            macro_rules! write_until_stopped {
+                ($conn:expr, $setup:expr) => {{
+                    let mut conn = $conn;
+                    for set in $setup {
+                        rt.block_on(sqlx::query(set).execute(&mut conn)).unwrap();
+                    }
+                    let mut i = 0u64;
+                    while !stopping.load(Ordering::Relaxed) {
+                        let sql = if i % 10 == 9 { &flush } else { &insert };
+                        let t = Instant::now();
+                        match rt
+                            .block_on(sqlx::query(AssertSqlSafe(sql.as_str())).execute(&mut conn))
+                        {
+                            Ok(_) => took.push(t.elapsed()),
+                            // PostgreSQL's lock_timeout: a lock waited for beyond 100 ms.
+                            Err(sqlx::Error::Database(e))
+                                if e.code().as_deref() == Some("55P03") =>
+                            {
+                                lock_timeouts += 1
+                            }
+                            Err(e) => panic!("the writer's statement: {e}"),
+                        }
+                        i += 1;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }};
+            }
+            match engine {
+                Engine::Mysql => write_until_stopped!(
+                    rt.block_on(sqlx::MySqlConnection::connect(&url)).unwrap(),
+                    [] as [&str; 0]
+                ),
+                // The commit does not wait for the disk: what is left of a write's time is
+                // CPU and locks, which a reader could affect.
+                Engine::Postgres => write_until_stopped!(
+                    rt.block_on(sqlx::PgConnection::connect(&url)).unwrap(),
+                    ["SET synchronous_commit = off", "SET lock_timeout = '100ms'"]
+                ),
+            }
+            (took, lock_timeouts)
+        });
+        Writer { stop, thread }
+    }
+
+    /// Stops the writer: (writes, the 99th percentile, the longest, writes given up after
+    /// waiting 100 ms for a lock).
+    fn finish(self) -> (usize, Duration, Duration, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut took, lock_timeouts) = self.thread.join().unwrap();
+        took.sort();
+        let p99 = took
+            .get((took.len() * 99 / 100).min(took.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default();
+        let max = took.last().copied().unwrap_or_default();
+        (took.len(), p99, max, lock_timeouts)
+    }
+}
+
+/// MariaDB's count of InnoDB row-lock waits so far (PostgreSQL's writer counts its own).
+fn row_lock_waits(server: &Server, db: &str) -> i64 {
+    match server.engine {
+        Engine::Mysql => server
+            .run(db, "SHOW GLOBAL STATUS LIKE 'Innodb_row_lock_waits'")
+            .split_whitespace()
+            .last()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        Engine::Postgres => 0,
+    }
+}
+
+/// Runs `during` while the writer writes; reports what its writes took.
+fn writes_during(server: &Server, db: &str, what: &str, during: impl FnOnce()) {
+    let writer = Writer::start(server, db);
+    // The writer's connection is up before the measured work starts.
+    std::thread::sleep(Duration::from_millis(300));
+    let waits_before = row_lock_waits(server, db);
+    during();
+    let waits = row_lock_waits(server, db) - waits_before;
+    let (n, p99, max, lock_timeouts) = writer.finish();
+    let locks = match server.engine {
+        Engine::Mysql => format!("{waits} InnoDB row-lock waits"),
+        Engine::Postgres => format!("{lock_timeouts} writes waited over 100 ms for a lock"),
+    };
+    println!(
+        "  {} writer during {what}: {n} writes, p99 {:.1} ms, longest {:.1} ms; {locks}",
+        server.engine.name(),
+        p99.as_secs_f64() * 1000.0,
+        max.as_secs_f64() * 1000.0
+    );
+}
+
+/// The database server's process, when it runs on this machine.
+fn server_pid(engine: Engine) -> Option<u32> {
+    let names: &[&str] = match engine {
+        Engine::Mysql => &["mariadbd", "mysqld"],
+        Engine::Postgres => &["postgres"],
+    };
+    names.iter().find_map(|name| {
+        let out = Command::new("pgrep")
+            .args(["-o", "-x", name])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    })
+}
+
+/// Steady-state CPU per hour on MariaDB: the exporter against query-exporter (on the PATH)
+/// running the usage aggregate (sums by type, model, channel and group) as one query at the
+/// exporter's default poll interval (15 s), each
+/// measured for `BENCH_MINUTES` (4 by default) after its first read, on an idle gateway.
+fn against_query_exporter(server: &Server, db: &str) {
+    let Ok(qe) = which("query-exporter") else {
+        println!("  skipping the query-exporter comparison: pip install query-exporter pymysql");
+        return;
+    };
+    let Some(server_pid) = server_pid(server.engine) else {
+        println!(
+            "  skipping the query-exporter comparison: the MariaDB server is not on this machine"
+        );
+        return;
+    };
+    let minutes: u64 = std::env::var("BENCH_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(4);
+    let measure = |pid: u32| {
+        let (server0, own0) = (cpu_seconds(server_pid), cpu_seconds(pid));
+        std::thread::sleep(Duration::from_secs(60 * minutes));
+        let (server1, own1) = (cpu_seconds(server_pid), cpu_seconds(pid));
+        let per_hour = 60.0 / minutes as f64;
+        ((server1 - server0) * per_hour, (own1 - own0) * per_hour)
+    };
+
+    let e = Exporter::start_with(&["--sql-dsn", &server.dsn_of(db)]);
+    e.wait_ready();
+    let (db_ours, ours) = measure(e.pid());
+    drop(e);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    let url = server
+        .url_of(db)
+        .replacen("mysql://", "mysql+pymysql://", 1);
+    // The usage counters' aggregate (the labels the exporter's usage series carry), as an
+    // operator would configure it: the whole table at every run.
+    let sums = [
+        ("requests", "COUNT(*)"),
+        ("quota", "SUM(CASE WHEN quota > 0 THEN quota ELSE 0 END)"),
+        (
+            "corrections",
+            "SUM(CASE WHEN quota < 0 THEN -quota ELSE 0 END)",
+        ),
+        ("prompt_tokens", "SUM(prompt_tokens)"),
+        ("completion_tokens", "SUM(completion_tokens)"),
+        ("use_time", "SUM(use_time)"),
+    ];
+    let labels = "[type, model, channel, grp]";
+    let metrics: String = sums
+        .iter()
+        .map(|(m, _)| format!("  usage_{m}:\n    type: gauge\n    labels: {labels}\n"))
+        .collect();
+    let names: Vec<String> = sums.iter().map(|(m, _)| format!("usage_{m}")).collect();
+    let select: Vec<String> = sums
+        .iter()
+        .map(|(m, expr)| format!("{expr} AS usage_{m}"))
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "databases:\n  gateway:\n    dsn: {url}\nmetrics:\n{metrics}queries:\n  usage:\n    \
+             interval: 15\n    timeout: 60\n    databases: [gateway]\n    metrics: [{}]\n    \
+             sql: SELECT type, model_name AS model, channel_id AS channel, `group` AS grp, {} \
+             FROM logs GROUP BY 1, 2, 3, 4\n",
+            names.join(", "),
+            select.join(", ")
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let port = port.as_str();
+    let child = Command::new(&qe)
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "-p",
+            port,
+            "-H",
+            "127.0.0.1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("query-exporter.log")).unwrap())
+        .spawn()
+        .expect("query-exporter starts");
+    // Stopped however this ends.
+    struct Stopped(std::process::Child);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Stopped(child);
+    let started = Instant::now();
+    let read_once = || {
+        ureq::get(format!("http://127.0.0.1:{port}/metrics"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .is_some_and(|b| b.contains("usage_requests{"))
+    };
+    while !read_once() {
+        assert!(
+            started.elapsed() < Duration::from_secs(300) && child.0.try_wait().unwrap().is_none(),
+            "query-exporter did not read {db}: {}",
+            std::fs::read_to_string(dir.path().join("query-exporter.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (db_theirs, theirs) = measure(child.0.id());
+    drop(child);
+    println!(
+        "  MariaDB CPU per hour at a 15 s interval, idle gateway ({minutes} min each): \
+         newapi-exporter {ours:.1} s + server {db_ours:.1} s; query-exporter {theirs:.1} s + server {db_theirs:.1} s"
+    );
+}
+
 fn servers() -> Vec<Server> {
     let mut out = Vec::new();
     for (engine, var, example) in [
@@ -348,6 +646,20 @@ pub fn run() {
                 server.engine.name(),
                 o / c
             );
+            // What a gateway's writes take meanwhile: alone, during the client's GROUP BY, and
+            // during the exporter's cold start.
+            writes_during(&server, &db, "nothing else (3 s)", || {
+                std::thread::sleep(Duration::from_secs(3))
+            });
+            writes_during(&server, &db, "the client's GROUP BY", || {
+                server.run(&db, &sql);
+            });
+            writes_during(&server, &db, "the exporter's cold start", || {
+                Exporter::start_with(&["--sql-dsn", &server.dsn_of(&db)]).wait_ready();
+            });
+            if server.engine == Engine::Mysql && rows == sizes[0] {
+                against_query_exporter(&server, &db);
+            }
             // Idle polls: nothing new to read; the server's own counters say what each costs.
             let e =
                 Exporter::start_with(&["--sql-dsn", &server.dsn_of(&db), "--poll-interval", "1s"]);

@@ -312,8 +312,10 @@ pub struct DbArgs {
     )]
     pub clickhouse_http_url: Option<String>,
 
-    /// Most log rows one read statement covers (a primary-key range). Smaller chunks make the
-    /// gateway's writers wait less; larger ones make the cold start cheaper.
+    /// Most log rows one read statement covers (a primary-key range). On SQLite, smaller
+    /// chunks make the gateway's writers wait less; larger ones make the cold start cheaper. On
+    /// MySQL and PostgreSQL no writer waits for a reader, and a cold start reads two chunks at
+    /// once, one per pooled connection.
     #[arg(long = "db.chunk-rows", default_value_t = DEFAULT_CHUNK_ROWS, value_name = "N",
           value_parser = clap::value_parser!(i64).range(1..))]
     pub chunk_rows: i64,

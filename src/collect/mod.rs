@@ -25,7 +25,7 @@ use anyhow::Result;
 use prometheus::proto::MetricFamily;
 
 use crate::clock::{HOUR, hour_of};
-use crate::db::Sources;
+use crate::db::{Database, Sources};
 use crate::reconcile::{Recording, Report};
 use crate::schema::Schema;
 use channels::ChannelsCollector;
@@ -154,6 +154,10 @@ impl Admission {
 /// even for rows inside the reconciliation window, which are grouped by hour and user too.
 pub const DEFAULT_CHUNK_ROWS: i64 = 5_000;
 
+/// Chunks each connection reads in turn within one read of several chunks (see
+/// [`Context::id_chunks`]).
+pub const CHUNKS_PER_LANE: usize = 8;
+
 /// How the recording health is judged.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -274,6 +278,27 @@ impl Context {
 
     pub fn chunk_rows(&self) -> i64 {
         self.settings.chunk_rows
+    }
+
+    /// The id ranges of the next read from `lo` to `end`: one chunk where the engine reads one
+    /// statement at a time, and [`CHUNKS_PER_LANE`] for each statement it runs at once
+    /// otherwise, so that its connections stay busy while the exporter adds up what came back.
+    pub fn id_chunks(&self, db: &dyn Database, lo: i64, end: i64) -> Vec<(i64, i64)> {
+        let count = match db.parallel_reads() {
+            1 => 1,
+            lanes => lanes * CHUNKS_PER_LANE,
+        };
+        let mut out = Vec::with_capacity(count);
+        let mut from = lo;
+        while out.len() < count && from <= end {
+            let to = from.saturating_add(self.chunk_rows() - 1).min(end);
+            out.push((from, to));
+            if to == end {
+                break;
+            }
+            from = to + 1;
+        }
+        out
     }
 
     /// End of the newest settled hour: every hour ending at or before it has had its last

@@ -17,7 +17,7 @@ use prometheus::proto::MetricFamily;
 use super::plausible::{Limits, MIN_TIME, Reason};
 use super::{Admission, Collector, Context, OTHER};
 use crate::clock::{HOUR, hour_of};
-use crate::db::{Database, Dialect, Sources, Value};
+use crate::db::{Database, Dialect, Sources, Unreachable, Value};
 use crate::metrics::{self as m, Family};
 use crate::reconcile::{FastMap, Hourly, Name, PairKey, QdHour};
 
@@ -26,9 +26,10 @@ const LIVE_CHUNK_HOURS: i64 = 6;
 /// Most rows one look for implausible rows returns; ids remembered as counted.
 const REJECT_SCAN: usize = 1000;
 const REJECTED_IDS_MAX: usize = 100_000;
-/// Every poll re-reads only the hours that can still change (the unsettled ones); the whole
-/// window is re-read this often, so that a late change to a settled hour (a backfill, a very
-/// late flush) shows too.
+/// Every poll re-reads only the hours that can still change (the unsettled ones), and on
+/// MySQL and PostgreSQL only after the table was written; the whole window is re-read this
+/// often, so that a late change to a settled hour (a backfill, a very late flush), or a write
+/// the engine's statistics missed, shows too.
 const FULL_REREAD_SECS: i64 = 600;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -95,6 +96,9 @@ pub struct QuotaDataCollector {
     last_full_read: i64,
     /// The first hour re-read by the last poll, and what the bounds statement returned for it.
     live_fingerprint: Option<(i64, Vec<Value>)>,
+    /// The first hour and the hour of the latest plausible time of the last re-read, and the
+    /// engine's change marker of the table taken just before it.
+    live_marker: Option<(i64, i64, String)>,
 }
 
 impl QuotaDataCollector {
@@ -189,6 +193,7 @@ impl QuotaDataCollector {
             admission: Admission::new(max_series),
             last_full_read: i64::MIN,
             live_fingerprint: None,
+            live_marker: None,
         }
     }
 
@@ -202,11 +207,21 @@ impl QuotaDataCollector {
             if lo > top {
                 break;
             }
-            let hi = lo.saturating_add(ctx.chunk_rows() - 1).min(top);
-            let mut params: Vec<Value> = ctx.plausible().flag_params().map(Value::Int).to_vec();
-            params.extend([lo, hi, self.frozen_below].map(Value::Int));
-            let rows = db.query(&self.frozen_sql, &params)?;
-            for r in rows {
+            let ranges = ctx.id_chunks(db, lo, top);
+            let hi = ranges.last().map_or(lo, |r| r.1);
+            let params: Vec<Vec<Value>> = ranges
+                .iter()
+                .map(|&(from, to)| {
+                    let mut p: Vec<Value> = ctx.plausible().flag_params().map(Value::Int).to_vec();
+                    p.extend([from, to, self.frozen_below].map(Value::Int));
+                    p
+                })
+                .collect();
+            for r in db
+                .query_each(&self.frozen_sql, &params)?
+                .into_iter()
+                .flatten()
+            {
                 let model = r[0].to_label();
                 let n = |i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
                 ctx.count_rows("quota_data", n(9).max(0) as u64);
@@ -394,7 +409,26 @@ impl Collector for QuotaDataCollector {
         } else {
             ctx.settled_until()
         };
-        changed |= self.read_live(db, ctx, from, full)?;
+        // Where the engine counts the table's writes (MySQL, PostgreSQL), an idle poll reads
+        // none of the unsettled hours: only a write, a new hour or the full re-read does.
+        // quota_data's rows are dated at hour starts, so rows dated ahead enter the range only
+        // when the hour of the latest plausible time moves.
+        let marker = match db.change_marker("quota_data") {
+            Ok(m) => m,
+            Err(e) if e.chain().any(|c| c.is::<Unreachable>()) => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "no change marker for quota_data: re-reading");
+                None
+            }
+        }
+        .map(|m| {
+            let latest_hour = hour_of(ctx.plausible().latest);
+            (from.max(self.frozen_below), latest_hour, m)
+        });
+        if full || marker.is_none() || marker != self.live_marker {
+            changed |= self.read_live(db, ctx, from, full)?;
+            self.live_marker = marker;
+        }
         if full {
             self.last_full_read = ctx.now;
         }

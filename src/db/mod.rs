@@ -86,6 +86,29 @@ pub trait Database: Send {
     /// no transaction is held open across calls.
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>>;
 
+    /// Runs `sql` once for each parameter list; the results come in the order of `params`.
+    /// Engines with [`Database::parallel_reads`] above one run them concurrently on separate
+    /// connections, each its own short statement. All or nothing: one failure fails the call.
+    fn query_each(&mut self, sql: &str, params: &[Vec<Value>]) -> Result<Vec<Vec<Row>>> {
+        params.iter().map(|p| self.query(sql, p)).collect()
+    }
+
+    /// A value that changes whenever `table` is written, taken from the engine's own
+    /// statistics without reading the table; `None` when the engine keeps none, or when it
+    /// could not yet tell a write that is about to follow.
+    fn change_marker(&mut self, table: &str) -> Result<Option<String>> {
+        let _ = table;
+        Ok(None)
+    }
+
+    /// How many statements of a long read (a cold start) may run at once. One on SQLite, where
+    /// a reader holds the gateway's writers off, and on ClickHouse, whose single statement is
+    /// already spread over the server's cores; MySQL and PostgreSQL read under MVCC, where a
+    /// reader never makes a writer wait, and take one statement per pooled connection.
+    fn parallel_reads(&self) -> usize {
+        1
+    }
+
     /// For a database in a file: what is at its path now, `Some(None)` when nothing readable
     /// is (device and inode otherwise). An open SQLite connection keeps reading the file it
     /// opened even after it was moved, deleted or replaced, so the path is what tells.
@@ -220,7 +243,8 @@ pub(crate) fn driver_runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Pool settings shared by MySQL and PostgreSQL: the exporter is a light client of a shared
-/// database, so at most two connections, released when idle.
+/// database, so at most two connections, released when idle. A cold start reads on both at once
+/// (two of the server's cores for its few seconds); every later poll uses one.
 pub(crate) const POOL_MAX_CONNECTIONS: u32 = 2;
 pub(crate) const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -256,6 +280,60 @@ where
             limit.as_secs()
         ))
     })?
+}
+
+/// Runs `fetch` once per parameter list on `lanes` tasks, each taking every `lanes`-th list in
+/// turn: at most `lanes` statements (one per pooled connection) are in flight at any time, and
+/// none waits for a connection while another lane holds it. Results come in the order of
+/// `params`; the first failure stops the other lanes.
+pub(crate) fn in_lanes<F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    lanes: usize,
+    params: &[Vec<Value>],
+    fetch: F,
+) -> Result<Vec<Vec<Row>>>
+where
+    F: Fn(Vec<Value>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Vec<Row>>> + Send + 'static,
+{
+    let lanes = lanes.clamp(1, params.len().max(1));
+    let tasks: Vec<_> = (0..lanes)
+        .map(|lane| {
+            let mine: Vec<(usize, Vec<Value>)> = params
+                .iter()
+                .cloned()
+                .enumerate()
+                .skip(lane)
+                .step_by(lanes)
+                .collect();
+            let fetch = fetch.clone();
+            rt.spawn(async move {
+                let mut out = Vec::with_capacity(mine.len());
+                for (i, p) in mine {
+                    out.push((i, fetch(p).await?));
+                }
+                Ok::<_, anyhow::Error>(out)
+            })
+        })
+        .collect();
+    rt.block_on(async {
+        let mut results: Vec<Option<Vec<Row>>> = vec![None; params.len()];
+        let mut tasks = tasks.into_iter();
+        while let Some(task) = tasks.next() {
+            let done = task
+                .await
+                .map_err(|e| anyhow::anyhow!("a read stopped: {e}"))
+                .and_then(|r| r);
+            match done {
+                Ok(rows) => rows.into_iter().for_each(|(i, r)| results[i] = Some(r)),
+                Err(e) => {
+                    tasks.for_each(|t| t.abort());
+                    return Err(e);
+                }
+            }
+        }
+        Ok(results.into_iter().map(Option::unwrap_or_default).collect())
+    })
 }
 
 /// A server that cannot be reached or stopped answering: every further statement of the same
@@ -451,5 +529,44 @@ mod tests {
         assert_eq!(Value::Real(f64::NAN).as_i64(), None);
         assert_eq!(Value::Null.to_label(), "");
         assert_eq!(Value::Int(7).to_label(), "7");
+    }
+
+    /// Lists that finish out of order (the later ones sooner) come back in order, and never
+    /// more than `lanes` run at once.
+    #[test]
+    fn reads_in_lanes_come_back_in_order_and_two_at_a_time() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let rt = driver_runtime().unwrap();
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let params: Vec<Vec<Value>> = (0..9).map(|i| vec![Value::Int(i)]).collect();
+        let (r, m) = (running.clone(), most.clone());
+        let got = in_lanes(&rt, 2, &params, move |p| {
+            let (r, m) = (r.clone(), m.clone());
+            async move {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                let i = p[0].as_i64().unwrap();
+                tokio::time::sleep(Duration::from_millis(20 - 2 * i as u64)).await;
+                r.fetch_sub(1, Ordering::SeqCst);
+                Ok(vec![vec![Value::Int(i * 10)]])
+            }
+        })
+        .unwrap();
+        let firsts: Vec<i64> = got
+            .iter()
+            .map(|rows| rows[0][0].as_i64().unwrap())
+            .collect();
+        assert_eq!(firsts, (0..9).map(|i| i * 10).collect::<Vec<_>>());
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+
+        // One failing list fails the whole read.
+        let failed = in_lanes(&rt, 2, &params, |p| async move {
+            match p[0].as_i64() {
+                Some(5) => anyhow::bail!("list 5 failed"),
+                _ => Ok(Vec::new()),
+            }
+        });
+        assert_eq!(failed.unwrap_err().to_string(), "list 5 failed");
     }
 }

@@ -68,9 +68,12 @@ impl MysqlDb {
                             // MariaDB and MySQL name their statement timeouts differently; each
                             // ignores the other's.
                             let secs = super::STATEMENT_TIMEOUT_SECS;
+                            // MySQL 8 caches information_schema's table statistics for a
+                            // day unless told not to: `UPDATE_TIME` is the change marker.
                             for set in [
                                 format!("SET SESSION max_statement_time = {secs}"),
                                 format!("SET SESSION max_execution_time = {}", secs * 1000),
+                                "SET SESSION information_schema_stats_expiry = 0".to_string(),
                             ] {
                                 let _ = sqlx::query(AssertSqlSafe(set)).execute(&mut *conn).await;
                             }
@@ -150,6 +153,18 @@ fn decode(row: &MySqlRow) -> Result<Row> {
         .collect()
 }
 
+/// One read statement on a pooled connection.
+async fn fetch(pool: &MySqlPool, describe: &str, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
+    super::with_deadlines(describe, pool.acquire(), |mut conn| async move {
+        let rows = super::bind_values!(sqlx::query(AssertSqlSafe(sql)), params)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| super::once(e, format!("{describe}: {sql}")))?;
+        rows.iter().map(decode).collect()
+    })
+    .await
+}
+
 impl Database for MysqlDb {
     fn dialect(&self) -> Dialect {
         Dialect(Engine::Mysql, self.nopad_bin)
@@ -164,18 +179,37 @@ impl Database for MysqlDb {
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
-        let (pool, describe) = (&self.pool, &self.describe);
-        self.rt.block_on(super::with_deadlines(
-            describe,
-            pool.acquire(),
-            |mut conn| async move {
-                let rows = super::bind_values!(sqlx::query(AssertSqlSafe(sql)), params)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(|e| super::once(e, format!("{describe}: {sql}")))?;
-                rows.iter().map(decode).collect()
-            },
-        ))
+        self.rt
+            .block_on(fetch(&self.pool, &self.describe, sql, params))
+    }
+
+    fn query_each(&mut self, sql: &str, params: &[Vec<Value>]) -> Result<Vec<Vec<Row>>> {
+        let (pool, describe) = (self.pool.clone(), self.describe.clone());
+        let sql: std::sync::Arc<str> = sql.to_string().into();
+        super::in_lanes(&self.rt, self.parallel_reads(), params, move |p| {
+            let (pool, describe, sql) = (pool.clone(), describe.clone(), sql.clone());
+            async move { fetch(&pool, &describe, &sql, &p).await }
+        })
+    }
+
+    /// InnoDB's `UPDATE_TIME`: the time of the table's last committed write, kept in memory
+    /// to the second (NULL until the first write after the server started). A second that has
+    /// not ended yet may still see another write with the same time, so a marker of the
+    /// current or last second tells nothing.
+    fn change_marker(&mut self, table: &str) -> Result<Option<String>> {
+        let rows = self.query(
+            "SELECT CAST(UPDATE_TIME AS CHAR), UPDATE_TIME >= NOW() - INTERVAL 1 SECOND \
+             FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = ?",
+            &[Value::Text(table.to_string())],
+        )?;
+        Ok(match rows.first().map(Vec::as_slice) {
+            Some([time, recent]) if recent.as_i64() != Some(1) => Some(time.to_label()),
+            _ => None,
+        })
+    }
+
+    fn parallel_reads(&self) -> usize {
+        super::POOL_MAX_CONNECTIONS as usize
     }
 
     fn upsert_all(&mut self, sql: &UpsertSql, items: &[Upsert]) -> Result<Vec<usize>> {

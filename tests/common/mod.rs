@@ -145,13 +145,17 @@ impl InProcess {
 
     /// An exporter on the gateway's SQL_DSN (and LOG_SQL_DSN) values.
     pub fn with_dsn(dsn: &str, log_dsn: Option<&str>) -> Self {
+        Self::with_dsn_settings(dsn, log_dsn, Settings::default())
+    }
+
+    pub fn with_dsn_settings(dsn: &str, log_dsn: Option<&str>, settings: Settings) -> Self {
         use newapi_exporter::db::dsn::DbConfig;
         let main = DbConfig::from_dsn(Some(dsn), Path::new("unused.db")).unwrap();
         let logs = log_dsn.map(|d| DbConfig::from_dsn(Some(d), Path::new("unused.db")).unwrap());
         let poller = Poller::new(
             Box::new(move || newapi_exporter::db::open(&main, &logs)),
             dsn.to_string(),
-            Settings::default(),
+            settings,
             Arc::new(AtomicBool::new(false)),
         );
         InProcess {

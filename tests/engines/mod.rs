@@ -11,6 +11,7 @@ use crate::common::proxy::Proxy;
 use crate::common::*;
 use crate::recording_health::current::build_current;
 use newapi_exporter::clock::unix_now;
+use newapi_exporter::collect::Settings;
 use newapi_exporter::demo::Traffic;
 use newapi_exporter::demo::gateway::Tables;
 use newapi_exporter::demo::gateway::{Gateway, LogRow};
@@ -178,6 +179,16 @@ fn metrics_and_report_are_identical_on_all_three_engines() {
             "{server:?}: series differ"
         );
         assert_eq!(got, expected, "{server:?}: values differ");
+        // Chunks of 7 ids: the cold start reads many chunks on both connections at once.
+        let small_chunks = Settings {
+            chunk_rows: 7,
+            ..Settings::default()
+        };
+        let got = gateway_series(&InProcess::with_dsn_settings(&db.dsn, None, small_chunks).poll());
+        assert_eq!(
+            got, expected,
+            "{server:?}: values differ when read in parallel chunks"
+        );
         let got_report = report(&["--sql-dsn", &db.dsn], until);
         assert_eq!(
             got_report, expected_report,
@@ -458,3 +469,4 @@ fn an_outage_keeps_the_last_state_and_recovers_without_a_restart() {
 }
 
 mod generations_and_writes;
+mod reads;

@@ -2,8 +2,10 @@
 //! and group.
 //!
 //! The table is read by primary-key ranges of at most `chunk_rows` ids, each range one short
-//! statement with the GROUP BY done in SQL, so the gateway's writers wait at most one chunk.
-//! The cold start walks the whole table this way; later polls read only `id > cursor`.
+//! statement with the GROUP BY done in SQL, so the gateway's SQLite writers wait at most one
+//! chunk. The cold start walks the whole table this way (on MySQL and PostgreSQL, where no
+//! writer waits for a reader, a chunk on each pooled connection at once); later polls read
+//! only `id > cursor`.
 //! Counters are the table's totals, so a restarted exporter reports the same values.
 
 mod by_time;
@@ -535,6 +537,19 @@ impl LogsCollector {
         params: &[Value],
         by_row: bool,
     ) -> Result<Vec<i64>> {
+        self.read_each(db, ctx, condition, &[params.to_vec()], by_row)
+    }
+
+    /// [`Self::read`] for several parameter lists of the same condition, run together where
+    /// the engine reads in parallel; nothing is applied unless every one was read.
+    fn read_each(
+        &mut self,
+        db: &mut dyn Database,
+        ctx: &mut Context,
+        condition: &str,
+        each: &[Vec<Value>],
+        by_row: bool,
+    ) -> Result<Vec<i64>> {
         // An empty range puts every row in the single NULL hour bucket.
         let (from, until) = if self.keeps_hours {
             ctx.hourly_range()
@@ -561,7 +576,6 @@ impl LogsCollector {
             let since = ctx.hourly_range().0;
             all.extend([since; 4].map(Value::Int));
         }
-        all.extend_from_slice(params);
         let group = if by_row {
             self.group_by_row_sql.as_str()
         } else {
@@ -572,10 +586,14 @@ impl LogsCollector {
         } else {
             format!("{}{condition}{group}", self.select_sql)
         };
-        let groups = db.query(&sql, &all)?;
+        let lists: Vec<Vec<Value>> = each
+            .iter()
+            .map(|params| [all.as_slice(), params].concat())
+            .collect();
+        let results = db.query_each(&sql, &lists)?;
         let mut read = 0;
         let mut ids = Vec::new();
-        for g in &groups {
+        for g in results.iter().flatten() {
             read += self.apply(g, ctx);
             if by_row && let Some(id) = g.get(C_ID).and_then(Value::as_i64) {
                 ids.push(id);
@@ -745,11 +763,24 @@ impl Collector for LogsCollector {
             }
             let by_row = self.track_gaps && lo > by_row_from;
             // Near the top, chunks end where row-by-row reading starts.
-            let mut hi = lo.saturating_add(ctx.chunk_rows() - 1).min(top);
-            if self.track_gaps && !by_row && hi > by_row_from {
-                hi = by_row_from;
-            }
-            let ids = self.read(db, ctx, &range, &[Value::Int(lo), Value::Int(hi)], by_row)?;
+            let end = if self.track_gaps && !by_row {
+                by_row_from.min(top)
+            } else {
+                top
+            };
+            // The newest ids, read row by row, one chunk at a time.
+            let chunks = if by_row {
+                let to = lo.saturating_add(ctx.chunk_rows() - 1).min(end);
+                vec![(lo, to)]
+            } else {
+                ctx.id_chunks(db, lo, end)
+            };
+            let hi = chunks.last().map_or(lo, |c| c.1);
+            let ranges: Vec<Vec<Value>> = chunks
+                .iter()
+                .map(|&(from, to)| vec![Value::Int(from), Value::Int(to)])
+                .collect();
+            let ids = self.read_each(db, ctx, &range, &ranges, by_row)?;
             if by_row {
                 // Every id of (cursor, hi] not seen now may still commit.
                 let seen: HashSet<i64> = ids.into_iter().collect();
