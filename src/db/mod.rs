@@ -263,7 +263,16 @@ where
     F: FnOnce(C) -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    let conn = tokio::time::timeout(POOL_ACQUIRE_TIMEOUT, acquire)
+    let conn = acquire_within(describe, acquire).await?;
+    within_deadline(describe, call(conn)).await
+}
+
+/// A pooled connection, or [`Unreachable`] when none comes within the acquire timeout.
+pub(crate) async fn acquire_within<C>(
+    describe: &str,
+    acquire: impl Future<Output = Result<C, sqlx::Error>>,
+) -> Result<C> {
+    Ok(tokio::time::timeout(POOL_ACQUIRE_TIMEOUT, acquire)
         .await
         .map_err(|_| {
             Unreachable(format!(
@@ -272,9 +281,16 @@ where
             ))
         })?
         // sqlx's database error repeats its own text as its source: show it once.
-        .map_err(|e| Unreachable(format!("cannot connect to {describe}: {e}")))?;
+        .map_err(|e| Unreachable(format!("cannot connect to {describe}: {e}")))?)
+}
+
+/// One call on a connection, or [`Unreachable`] past the statement timeout and a margin.
+pub(crate) async fn within_deadline<T>(
+    describe: &str,
+    call: impl Future<Output = Result<T>>,
+) -> Result<T> {
     let limit = Duration::from_secs(STATEMENT_TIMEOUT_SECS + 5);
-    tokio::time::timeout(limit, call(conn)).await.map_err(|_| {
+    tokio::time::timeout(limit, call).await.map_err(|_| {
         Unreachable(format!(
             "{describe} did not answer within {}s",
             limit.as_secs()
@@ -282,57 +298,49 @@ where
     })?
 }
 
-/// Runs `fetch` once per parameter list on `lanes` tasks, each taking every `lanes`-th list in
-/// turn: at most `lanes` statements (one per pooled connection) are in flight at any time, and
-/// none waits for a connection while another lane holds it. Results come in the order of
-/// `params`; the first failure stops the other lanes.
+/// Runs the parameter lists on `lanes` tasks, each taking every `lanes`-th list in turn and
+/// running its lists one after another on one connection of its own (`run_lane` gets them in
+/// order and returns their rows in that order): at most `lanes` statements are in flight, and
+/// no lane waits for another's connection. Results come in the order of `params`; the first
+/// failure stops the other lanes.
 pub(crate) fn in_lanes<F, Fut>(
     rt: &tokio::runtime::Runtime,
     lanes: usize,
     params: &[Vec<Value>],
-    fetch: F,
+    run_lane: F,
 ) -> Result<Vec<Vec<Row>>>
 where
-    F: Fn(Vec<Value>) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Result<Vec<Row>>> + Send + 'static,
+    F: Fn(Vec<Vec<Value>>) -> Fut,
+    Fut: Future<Output = Result<Vec<Vec<Row>>>> + Send + 'static,
 {
     let lanes = lanes.clamp(1, params.len().max(1));
     let tasks: Vec<_> = (0..lanes)
         .map(|lane| {
-            let mine: Vec<(usize, Vec<Value>)> = params
-                .iter()
-                .cloned()
-                .enumerate()
-                .skip(lane)
-                .step_by(lanes)
-                .collect();
-            let fetch = fetch.clone();
-            rt.spawn(async move {
-                let mut out = Vec::with_capacity(mine.len());
-                for (i, p) in mine {
-                    out.push((i, fetch(p).await?));
-                }
-                Ok::<_, anyhow::Error>(out)
-            })
+            let mine: Vec<Vec<Value>> = params.iter().skip(lane).step_by(lanes).cloned().collect();
+            rt.spawn(run_lane(mine))
         })
         .collect();
     rt.block_on(async {
-        let mut results: Vec<Option<Vec<Row>>> = vec![None; params.len()];
-        let mut tasks = tasks.into_iter();
-        while let Some(task) = tasks.next() {
+        let mut results: Vec<Vec<Row>> = vec![Vec::new(); params.len()];
+        let mut tasks = tasks.into_iter().enumerate();
+        while let Some((lane, task)) = tasks.next() {
             let done = task
                 .await
                 .map_err(|e| anyhow::anyhow!("a read stopped: {e}"))
                 .and_then(|r| r);
             match done {
-                Ok(rows) => rows.into_iter().for_each(|(i, r)| results[i] = Some(r)),
+                Ok(rows) => {
+                    for (k, r) in rows.into_iter().enumerate() {
+                        results[lane + k * lanes] = r;
+                    }
+                }
                 Err(e) => {
-                    tasks.for_each(|t| t.abort());
+                    tasks.for_each(|(_, t)| t.abort());
                     return Err(e);
                 }
             }
         }
-        Ok(results.into_iter().map(Option::unwrap_or_default).collect())
+        Ok(results)
     })
 }
 
@@ -540,16 +548,19 @@ mod tests {
         let rt = driver_runtime().unwrap();
         let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let params: Vec<Vec<Value>> = (0..9).map(|i| vec![Value::Int(i)]).collect();
-        let (r, m) = (running.clone(), most.clone());
-        let got = in_lanes(&rt, 2, &params, move |p| {
-            let (r, m) = (r.clone(), m.clone());
+        let got = in_lanes(&rt, 2, &params, |lists| {
+            let (r, m) = (running.clone(), most.clone());
             async move {
                 let now = r.fetch_add(1, Ordering::SeqCst) + 1;
                 m.fetch_max(now, Ordering::SeqCst);
-                let i = p[0].as_i64().unwrap();
-                tokio::time::sleep(Duration::from_millis(20 - 2 * i as u64)).await;
+                let mut out = Vec::new();
+                for p in lists {
+                    let i = p[0].as_i64().unwrap();
+                    tokio::time::sleep(Duration::from_millis(20 - 2 * i as u64)).await;
+                    out.push(vec![vec![Value::Int(i * 10)]]);
+                }
                 r.fetch_sub(1, Ordering::SeqCst);
-                Ok(vec![vec![Value::Int(i * 10)]])
+                Ok(out)
             }
         })
         .unwrap();
@@ -561,11 +572,15 @@ mod tests {
         assert_eq!(most.load(Ordering::SeqCst), 2);
 
         // One failing list fails the whole read.
-        let failed = in_lanes(&rt, 2, &params, |p| async move {
-            match p[0].as_i64() {
-                Some(5) => anyhow::bail!("list 5 failed"),
-                _ => Ok(Vec::new()),
+        let failed = in_lanes(&rt, 2, &params, |lists| async move {
+            let mut out = Vec::new();
+            for p in lists {
+                match p[0].as_i64() {
+                    Some(5) => anyhow::bail!("list 5 failed"),
+                    _ => out.push(Vec::new()),
+                }
             }
+            Ok(out)
         });
         assert_eq!(failed.unwrap_err().to_string(), "list 5 failed");
     }

@@ -156,13 +156,23 @@ fn decode(row: &MySqlRow) -> Result<Row> {
 /// One read statement on a pooled connection.
 async fn fetch(pool: &MySqlPool, describe: &str, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
     super::with_deadlines(describe, pool.acquire(), |mut conn| async move {
-        let rows = super::bind_values!(sqlx::query(AssertSqlSafe(sql)), params)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(|e| super::once(e, format!("{describe}: {sql}")))?;
-        rows.iter().map(decode).collect()
+        run(&mut conn, describe, sql, params).await
     })
     .await
+}
+
+/// One read statement on `conn`.
+async fn run(
+    conn: &mut sqlx::MySqlConnection,
+    describe: &str,
+    sql: &str,
+    params: &[Value],
+) -> Result<Vec<Row>> {
+    let rows = super::bind_values!(sqlx::query(AssertSqlSafe(sql)), params)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| super::once(e, format!("{describe}: {sql}")))?;
+    rows.iter().map(decode).collect()
 }
 
 impl Database for MysqlDb {
@@ -186,25 +196,19 @@ impl Database for MysqlDb {
     fn query_each(&mut self, sql: &str, params: &[Vec<Value>]) -> Result<Vec<Vec<Row>>> {
         let (pool, describe) = (self.pool.clone(), self.describe.clone());
         let sql: std::sync::Arc<str> = sql.to_string().into();
-        super::in_lanes(&self.rt, self.parallel_reads(), params, move |p| {
+        super::in_lanes(&self.rt, self.parallel_reads(), params, move |lists| {
             let (pool, describe, sql) = (pool.clone(), describe.clone(), sql.clone());
-            async move { fetch(&pool, &describe, &sql, &p).await }
-        })
-    }
-
-    /// InnoDB's `UPDATE_TIME`: the time of the table's last committed write, kept in memory
-    /// to the second (NULL until the first write after the server started). A second that has
-    /// not ended yet may still see another write with the same time, so a marker of the
-    /// current or last second tells nothing.
-    fn change_marker(&mut self, table: &str) -> Result<Option<String>> {
-        let rows = self.query(
-            "SELECT CAST(UPDATE_TIME AS CHAR), UPDATE_TIME >= NOW() - INTERVAL 1 SECOND \
-             FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = ?",
-            &[Value::Text(table.to_string())],
-        )?;
-        Ok(match rows.first().map(Vec::as_slice) {
-            Some([time, recent]) if recent.as_i64() != Some(1) => Some(time.to_label()),
-            _ => None,
+            async move {
+                let mut conn = super::acquire_within(&describe, pool.acquire()).await?;
+                let mut out = Vec::with_capacity(lists.len());
+                for p in &lists {
+                    out.push(
+                        super::within_deadline(&describe, run(&mut conn, &describe, &sql, p))
+                            .await?,
+                    );
+                }
+                Ok(out)
+            }
         })
     }
 

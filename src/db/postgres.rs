@@ -93,13 +93,23 @@ fn decode(row: &PgRow) -> Result<Row> {
 /// One read statement (placeholders numbered) on a pooled connection.
 async fn fetch(pool: &PgPool, describe: &str, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
     super::with_deadlines(describe, pool.acquire(), |mut conn| async move {
-        let rows = super::bind_values!(sqlx::query(AssertSqlSafe(sql)), params)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(|e| super::once(e, format!("{describe}: {sql}")))?;
-        rows.iter().map(decode).collect()
+        run(&mut conn, describe, sql, params).await
     })
     .await
+}
+
+/// One read statement on `conn`.
+async fn run(
+    conn: &mut sqlx::PgConnection,
+    describe: &str,
+    sql: &str,
+    params: &[Value],
+) -> Result<Vec<Row>> {
+    let rows = super::bind_values!(sqlx::query(AssertSqlSafe(sql)), params)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| super::once(e, format!("{describe}: {sql}")))?;
+    rows.iter().map(decode).collect()
 }
 
 impl Database for PostgresDb {
@@ -124,27 +134,20 @@ impl Database for PostgresDb {
     fn query_each(&mut self, sql: &str, params: &[Vec<Value>]) -> Result<Vec<Vec<Row>>> {
         let (pool, describe) = (self.pool.clone(), self.describe.clone());
         let sql: std::sync::Arc<str> = numbered_placeholders(sql).into();
-        super::in_lanes(&self.rt, self.parallel_reads(), params, move |p| {
+        super::in_lanes(&self.rt, self.parallel_reads(), params, move |lists| {
             let (pool, describe, sql) = (pool.clone(), describe.clone(), sql.clone());
-            async move { fetch(&pool, &describe, &sql, &p).await }
+            async move {
+                let mut conn = super::acquire_within(&describe, pool.acquire()).await?;
+                let mut out = Vec::with_capacity(lists.len());
+                for p in &lists {
+                    out.push(
+                        super::within_deadline(&describe, run(&mut conn, &describe, &sql, p))
+                            .await?,
+                    );
+                }
+                Ok(out)
+            }
         })
-    }
-
-    /// The table's insert, update and delete counts from the statistics system (with the
-    /// database's reset time). A writer's counts arrive there after its commit: on PostgreSQL
-    /// 15 and later within a second or, for a backend gone idle, ten (a minute at most under
-    /// contention); a later poll sees them, and the collector's periodic full re-read bounds
-    /// the rest. Nothing when `track_counts` is off, as the counts then stand still.
-    fn change_marker(&mut self, table: &str) -> Result<Option<String>> {
-        let rows = self.query(
-            "SELECT CAST(n_tup_ins AS TEXT) || '/' || CAST(n_tup_upd AS TEXT) || '/' || \
-             CAST(n_tup_del AS TEXT) || '/' || COALESCE(CAST(pg_stat_get_db_stat_reset_time(\
-             (SELECT oid FROM pg_database WHERE datname = current_database())) AS TEXT), '') \
-             FROM pg_stat_user_tables WHERE relid = to_regclass(?) \
-             AND current_setting('track_counts') = 'on'",
-            &[Value::Text(table.to_string())],
-        )?;
-        Ok(rows.first().and_then(|r| r.first()).map(Value::to_label))
     }
 
     fn parallel_reads(&self) -> usize {
