@@ -267,6 +267,19 @@ where
     within_deadline(describe, call(conn)).await
 }
 
+/// Opens the pool's second connection in the background, while the first one works: a cold
+/// start reads on both, and a connection's set-up (TLS, where the server offers it) takes the
+/// better part of 100 ms.
+pub(crate) fn open_second_connection<DB: sqlx::Database>(
+    rt: &tokio::runtime::Runtime,
+    pool: &sqlx::Pool<DB>,
+) {
+    let pool = pool.clone();
+    rt.spawn(async move {
+        let _ = pool.acquire().await;
+    });
+}
+
 /// A pooled connection, or [`Unreachable`] when none comes within the acquire timeout.
 pub(crate) async fn acquire_within<C>(
     describe: &str,

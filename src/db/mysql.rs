@@ -88,6 +88,7 @@ impl MysqlDb {
             .block_on(sqlx::query_scalar::<_, String>("SELECT VERSION()").fetch_one(&pool))
             .ok();
         let nopad_bin = version.as_deref().and_then(nopad_bin_collation);
+        super::open_second_connection(&rt, &pool);
         Ok(MysqlDb {
             rt,
             pool,

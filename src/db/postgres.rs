@@ -41,6 +41,7 @@ impl PostgresDb {
                     .connect_with(opts),
             )
             .map_err(|e| super::once(e, format!("cannot connect to {describe}")))?;
+        super::open_second_connection(&rt, &pool);
         Ok(PostgresDb { rt, pool, describe })
     }
 }
