@@ -331,6 +331,27 @@ fn rows_examined(server: &Server, db: &str) -> i64 {
         .map_or(0, |v| v as i64)
 }
 
+/// Gives the current hour of quota_data the rows of its newest hour, as a gateway's nodes
+/// would have flushed them by now, unless it has rows.
+fn fill_open_hour(server: &Server, db: &str) {
+    let hour = newapi_exporter::clock::hour_of(newapi_exporter::clock::unix_now());
+    let present = server.run(
+        db,
+        &format!("SELECT COUNT(*) FROM quota_data WHERE created_at >= {hour}"),
+    );
+    if present.trim() != "0" {
+        return;
+    }
+    server.run(
+        db,
+        &format!(
+            "INSERT INTO quota_data (user_id, username, model_name, created_at, token_used, count, quota) \
+             SELECT user_id, username, model_name, {hour}, token_used, count, quota FROM quota_data \
+             WHERE created_at = (SELECT MAX(created_at) FROM quota_data)"
+        ),
+    );
+}
+
 /// A gateway-like writer on `db`: every 10 ms it inserts a consume log row and adds it to an
 /// hour of quota_data (the statements the gateway runs per request and per flush), each in its
 /// own transaction. Stopping it returns how long each write took.
@@ -661,6 +682,9 @@ pub fn run() {
                 against_query_exporter(&server, &db);
             }
             // Idle polls: nothing new to read; the server's own counters say what each costs.
+            // A live gateway's open hours of quota_data hold rows; the copied data may have
+            // none by now.
+            fill_open_hour(&server, &db);
             let e =
                 Exporter::start_with(&["--sql-dsn", &server.dsn_of(&db), "--poll-interval", "1s"]);
             e.wait_ready();

@@ -96,8 +96,8 @@ pub struct QuotaDataCollector {
     last_full_read: i64,
     /// The first hour re-read by the last poll, and what the bounds statement returned for it.
     live_fingerprint: Option<(i64, Vec<Value>)>,
-    /// The first hour and the hour of the latest plausible time of the last re-read, and the
-    /// engine's change marker of the table taken just before it.
+    /// The first unsettled hour and the hour of the latest plausible time at the last re-read,
+    /// and the engine's change marker of the table taken just before it.
     live_marker: Option<(i64, i64, String)>,
 }
 
@@ -410,9 +410,10 @@ impl Collector for QuotaDataCollector {
             ctx.settled_until()
         };
         // Where the engine counts the table's writes (MySQL, PostgreSQL), an idle poll reads
-        // none of the unsettled hours: only a write, a new hour or the full re-read does.
-        // quota_data's rows are dated at hour starts, so rows dated ahead enter the range only
-        // when the hour of the latest plausible time moves.
+        // none of the unsettled hours: only a write, a new hour or the full re-read does (a
+        // full read covers the unsettled hours too). quota_data's rows are dated at hour
+        // starts, so rows dated ahead enter the range only when the hour of the latest
+        // plausible time moves.
         let marker = match db.change_marker("quota_data") {
             Ok(m) => m,
             Err(e) if e.chain().any(|c| c.is::<Unreachable>()) => return Err(e),
@@ -422,8 +423,8 @@ impl Collector for QuotaDataCollector {
             }
         }
         .map(|m| {
-            let latest_hour = hour_of(ctx.plausible().latest);
-            (from.max(self.frozen_below), latest_hour, m)
+            let unsettled_from = ctx.settled_until().max(self.frozen_below);
+            (unsettled_from, hour_of(ctx.plausible().latest), m)
         });
         if full || marker.is_none() || marker != self.live_marker {
             changed |= self.read_live(db, ctx, from, full)?;

@@ -213,6 +213,22 @@ impl Database for MysqlDb {
         })
     }
 
+    /// InnoDB's `UPDATE_TIME`: the time of the table's last committed write, kept in memory
+    /// to the second (NULL until the first write after the server started). A second that has
+    /// not ended yet may still see another write with the same time, so a marker of the
+    /// current or last second tells nothing.
+    fn change_marker(&mut self, table: &str) -> Result<Option<String>> {
+        let rows = self.query(
+            "SELECT CAST(UPDATE_TIME AS CHAR), UPDATE_TIME >= NOW() - INTERVAL 1 SECOND \
+             FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = ?",
+            &[Value::Text(table.to_string())],
+        )?;
+        Ok(match rows.first().map(Vec::as_slice) {
+            Some([time, recent]) if recent.as_i64() != Some(1) => Some(time.to_label()),
+            _ => None,
+        })
+    }
+
     fn parallel_reads(&self) -> usize {
         super::POOL_MAX_CONNECTIONS as usize
     }
