@@ -185,6 +185,29 @@ pub(crate) fn information_schema_columns(
     Ok((!cols.is_empty()).then_some(cols))
 }
 
+/// [`Database::query_each`] for an sqlx engine: the lists in [`in_lanes`], each lane on one
+/// pooled connection, every statement within its deadline. `$run` runs one statement on a
+/// connection (the engine's `run`); `$sql` is the statement as the engine takes it.
+macro_rules! query_in_lanes {
+    ($db:expr, $sql:expr, $params:expr, $run:path) => {{
+        let (pool, describe) = ($db.pool.clone(), $db.describe.clone());
+        let sql: std::sync::Arc<str> = $sql.into();
+        $crate::db::in_lanes(&$db.rt, $db.parallel_reads(), $params, move |lists| {
+            let (pool, describe, sql) = (pool.clone(), describe.clone(), sql.clone());
+            async move {
+                let mut conn = $crate::db::acquire_within(&describe, pool.acquire()).await?;
+                let mut out = Vec::with_capacity(lists.len());
+                for p in &lists {
+                    let rows = $run(&mut conn, &describe, &sql, p);
+                    out.push($crate::db::within_deadline(&describe, rows).await?);
+                }
+                Ok(out)
+            }
+        })
+    }};
+}
+pub(crate) use query_in_lanes;
+
 /// Binds [`Value`]s to an sqlx query, in order.
 macro_rules! bind_values {
     ($query:expr, $params:expr) => {{

@@ -195,22 +195,7 @@ impl Database for MysqlDb {
     }
 
     fn query_each(&mut self, sql: &str, params: &[Vec<Value>]) -> Result<Vec<Vec<Row>>> {
-        let (pool, describe) = (self.pool.clone(), self.describe.clone());
-        let sql: std::sync::Arc<str> = sql.to_string().into();
-        super::in_lanes(&self.rt, self.parallel_reads(), params, move |lists| {
-            let (pool, describe, sql) = (pool.clone(), describe.clone(), sql.clone());
-            async move {
-                let mut conn = super::acquire_within(&describe, pool.acquire()).await?;
-                let mut out = Vec::with_capacity(lists.len());
-                for p in &lists {
-                    out.push(
-                        super::within_deadline(&describe, run(&mut conn, &describe, &sql, p))
-                            .await?,
-                    );
-                }
-                Ok(out)
-            }
-        })
+        super::query_in_lanes!(self, sql.to_string(), params, run)
     }
 
     /// InnoDB's `UPDATE_TIME`: the time of the table's last committed write, kept in memory

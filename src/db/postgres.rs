@@ -133,22 +133,7 @@ impl Database for PostgresDb {
     }
 
     fn query_each(&mut self, sql: &str, params: &[Vec<Value>]) -> Result<Vec<Vec<Row>>> {
-        let (pool, describe) = (self.pool.clone(), self.describe.clone());
-        let sql: std::sync::Arc<str> = numbered_placeholders(sql).into();
-        super::in_lanes(&self.rt, self.parallel_reads(), params, move |lists| {
-            let (pool, describe, sql) = (pool.clone(), describe.clone(), sql.clone());
-            async move {
-                let mut conn = super::acquire_within(&describe, pool.acquire()).await?;
-                let mut out = Vec::with_capacity(lists.len());
-                for p in &lists {
-                    out.push(
-                        super::within_deadline(&describe, run(&mut conn, &describe, &sql, p))
-                            .await?,
-                    );
-                }
-                Ok(out)
-            }
-        })
+        super::query_in_lanes!(self, numbered_placeholders(sql), params, run)
     }
 
     /// The table's insert, update and delete counts from the statistics system (with the

@@ -81,8 +81,10 @@ fn the_change_marker_moves_with_a_write_and_only_then() {
         let settled = loop {
             let a = marker();
             std::thread::sleep(Duration::from_millis(1500));
-            if a.is_some() && marker() == a {
-                break a.unwrap();
+            if let Some(m) = a.clone()
+                && marker() == a
+            {
+                break m;
             }
             assert!(
                 Instant::now() < deadline,
