@@ -208,6 +208,20 @@ macro_rules! query_in_lanes {
 }
 pub(crate) use query_in_lanes;
 
+/// [`Database::query`] for an sqlx engine: one statement on a pooled connection, within the
+/// acquire and statement deadlines. `$run` runs it on the connection (the engine's `run`).
+macro_rules! query_once {
+    ($db:expr, $sql:expr, $params:expr, $run:path) => {{
+        let (sql, params, describe) = ($sql, $params, &$db.describe);
+        $db.rt.block_on($crate::db::with_deadlines(
+            describe,
+            $db.pool.acquire(),
+            |mut conn| async move { $run(&mut conn, describe, sql, params).await },
+        ))
+    }};
+}
+pub(crate) use query_once;
+
 /// Binds [`Value`]s to an sqlx query, in order.
 macro_rules! bind_values {
     ($query:expr, $params:expr) => {{

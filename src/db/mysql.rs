@@ -154,14 +154,6 @@ fn decode(row: &MySqlRow) -> Result<Row> {
         .collect()
 }
 
-/// One read statement on a pooled connection.
-async fn fetch(pool: &MySqlPool, describe: &str, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
-    super::with_deadlines(describe, pool.acquire(), |mut conn| async move {
-        run(&mut conn, describe, sql, params).await
-    })
-    .await
-}
-
 /// One read statement on `conn`.
 async fn run(
     conn: &mut sqlx::MySqlConnection,
@@ -190,8 +182,7 @@ impl Database for MysqlDb {
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
-        self.rt
-            .block_on(fetch(&self.pool, &self.describe, sql, params))
+        super::query_once!(self, sql, params, run)
     }
 
     fn query_each(&mut self, sql: &str, params: &[Vec<Value>]) -> Result<Vec<Vec<Row>>> {

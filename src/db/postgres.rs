@@ -91,14 +91,6 @@ fn decode(row: &PgRow) -> Result<Row> {
         .collect()
 }
 
-/// One read statement (placeholders numbered) on a pooled connection.
-async fn fetch(pool: &PgPool, describe: &str, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
-    super::with_deadlines(describe, pool.acquire(), |mut conn| async move {
-        run(&mut conn, describe, sql, params).await
-    })
-    .await
-}
-
 /// One read statement on `conn`.
 async fn run(
     conn: &mut sqlx::PgConnection,
@@ -128,8 +120,7 @@ impl Database for PostgresDb {
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
         let sql = numbered_placeholders(sql);
-        self.rt
-            .block_on(fetch(&self.pool, &self.describe, &sql, params))
+        super::query_once!(self, sql.as_str(), params, run)
     }
 
     fn query_each(&mut self, sql: &str, params: &[Vec<Value>]) -> Result<Vec<Vec<Row>>> {
