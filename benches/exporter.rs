@@ -173,7 +173,7 @@ fn cold_start() {
         let mut reference = Command::new("sqlite3");
         reference.arg(&db).arg(EQUIVALENT_GROUP_BY);
         let db_arg = db.to_str().unwrap();
-        let (s, o) = cold_start_against(&mut reference, &["--sqlite-path", db_arg]);
+        let (s, o) = cold_start_against(&mut reference, &["--sqlite-path", db_arg], 3);
         println!(
             "{rows:>9} rows: sqlite3 {s:.2} s, exporter {o:.2} s to ready, ratio {:.2} (target <= 1.5)",
             o / s
@@ -182,11 +182,11 @@ fn cold_start() {
 }
 
 /// Runs `reference` (output discarded) and starts an exporter with `args` until it is ready,
-/// three times each, alternately; the medians in seconds.
-fn cold_start_against(reference: &mut Command, args: &[&str]) -> (f64, f64) {
+/// `runs` times each, alternately; the medians in seconds.
+fn cold_start_against(reference: &mut Command, args: &[&str], runs: usize) -> (f64, f64) {
     let mut theirs = Vec::new();
     let mut ours = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..runs {
         let t = Instant::now();
         let status = reference.stdout(Stdio::null()).status().unwrap();
         assert!(status.success(), "{reference:?} failed");

@@ -217,11 +217,14 @@ impl Schema {
         if !self.logs.has("token_name") {
             return "1 = 0".to_string();
         }
-        let mut sql = format!("{} = '{CHANNEL_TEST_TOKEN_NAME}'", d.ident("token_name"));
+        let name = format!("{} = '{CHANNEL_TEST_TOKEN_NAME}'", d.ident("token_name"));
+        // The whole number first: it settles nearly every row before the text comparison,
+        // which MySQL makes in the column's collation.
         if self.logs.has("token_id") {
-            sql.push_str(&format!(" AND {} = 0", d.ident("token_id")));
+            format!("{} = 0 AND {name}", d.ident("token_id"))
+        } else {
+            name
         }
-        sql
     }
 
     pub fn detect(src: &mut Sources) -> Result<Schema> {

@@ -13,20 +13,22 @@ use rusqlite::Connection;
 use crate::common::engines::{SERVERS, TestDb, admin_dsn};
 use crate::common::*;
 
-/// Rows the demo does not write: a request of 0 s and one beyond the last bucket, a `frt` on
+/// Rows the demo does not write: a request of 0 s, one beyond the last bucket and one whose
+/// `use_time` is NULL (no duration: in no bucket, and nothing added to the sum), a `frt` on
 /// the bucket edges, `null`, text that is not JSON, and an empty `other`; and one three days
 /// old, before the hours the histograms cover.
 fn edge_rows(conn: &Connection) {
     let now = newapi_exporter::clock::unix_now() - 60;
     for (age, use_time, other) in [
-        (0, 0, r#"{"frt":100}"#),
-        (0, 301, r#"{"frt":30000}"#),
-        (0, 2, r#"{"frt":30001,"model_ratio":1}"#),
-        (0, 5, r#"{"group_ratio":1,"frt":0}"#),
-        (0, 1, r#"{"frt":null}"#),
-        (0, 3, ""),
-        (0, 4, "not json"),
-        (3 * 86_400, 7, r#"{"frt":700}"#),
+        (0, Some(0), r#"{"frt":100}"#),
+        (0, Some(301), r#"{"frt":30000}"#),
+        (0, None, r#"{"frt":250}"#),
+        (0, Some(2), r#"{"frt":30001,"model_ratio":1}"#),
+        (0, Some(5), r#"{"group_ratio":1,"frt":0}"#),
+        (0, Some(1), r#"{"frt":null}"#),
+        (0, Some(3), ""),
+        (0, Some(4), "not json"),
+        (3 * 86_400, Some(7), r#"{"frt":700}"#),
     ] {
         conn.execute(
             "INSERT INTO logs (user_id, created_at, type, content, username, token_name, \
@@ -59,7 +61,7 @@ fn oracle(db: &Path) -> BTreeMap<(String, Key), f64> {
         .collect();
     let sql = format!(
         "SELECT model_name, CAST(channel_id AS TEXT), COALESCE((SELECT name FROM channels WHERE channels.id = logs.channel_id), ''), `group`, \
-         COUNT(*), SUM(use_time), {}, SUM({frt} IS NOT NULL), COALESCE(SUM({frt}), 0), {} \
+         COUNT(use_time), COALESCE(SUM(use_time), 0), {}, SUM({frt} IS NOT NULL), COALESCE(SUM({frt}), 0), {} \
          FROM logs WHERE {BILLED_REQUEST} AND created_at >= {since} GROUP BY 1, 2, 3, 4",
         duration_cols.join(", "),
         frt_cols.join(", "),

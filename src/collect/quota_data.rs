@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use anyhow::Result;
 use prometheus::proto::MetricFamily;
 
-use super::plausible::{Limits, MIN_TIME, Reason};
+use super::plausible::{Limits, MAX_AMOUNT, MIN_TIME, Reason};
 use super::{Admission, Collector, Context, OTHER};
 use crate::clock::{HOUR, hour_of};
 use crate::db::{Database, Dialect, Sources, Unreachable, Value};
@@ -101,6 +101,17 @@ pub struct QuotaDataCollector {
     live_marker: Option<(i64, i64, String)>,
 }
 
+/// Columns of the frozen read: per model and flag, the sums of `count`, `quota` and
+/// `token_used`, the newest hour, the flag, the first id and the number of rows.
+const F_MODEL: usize = 0;
+const F_COUNT: usize = 1;
+const F_QUOTA: usize = 2;
+const F_TOKENS: usize = 3;
+const F_LATEST: usize = 4;
+const F_FLAG: usize = 5;
+const F_FIRST_ID: usize = 6;
+const F_ROWS: usize = 7;
+
 impl QuotaDataCollector {
     /// With `per_channel` (current generation), rows are keyed by all eight columns.
     pub fn new(dialect: Dialect, per_channel: bool, max_series: Option<usize>) -> Self {
@@ -131,11 +142,21 @@ impl QuotaDataCollector {
             sound_row(&amounts[2]),
         );
         let flag = Limits::flag_sql(&created, &amounts);
+        // The frozen read groups by the flag, and a flagged group is set aside whole: holding
+        // each amount to the range changes no sum that is kept, keeps every sum from
+        // overflowing, and costs the server less than a test of all three amounts in each sum.
+        let held: Vec<String> = amounts
+            .iter()
+            .map(|a| d.sum_int(&d.clamp(a, -MAX_AMOUNT, MAX_AMOUNT)))
+            .collect();
         QuotaDataCollector {
-            // Parameters: plausibility limits, id range, frozen boundary.
+            // Parameters: plausibility limits, id range, frozen boundary. Columns in the order
+            // of the `F_*` constants.
             frozen_sql: format!(
-                "SELECT {model}, {sums}, MAX({created}), {flag}, MIN({id}), COUNT(*) FROM quota_data \
-                 WHERE {id} BETWEEN ? AND ? AND {created} < ? GROUP BY 1, 8"
+                "SELECT {model}, {held}, MAX({created}), {flag}, MIN({id}), COUNT(*) FROM quota_data \
+                 WHERE {id} BETWEEN ? AND ? AND {created} < ? GROUP BY 1, {}",
+                F_FLAG + 1,
+                held = held.join(", "),
             ),
             // Parameters: created_at range.
             amount_rejects_sql: format!(
@@ -222,23 +243,24 @@ impl QuotaDataCollector {
                 .into_iter()
                 .flatten()
             {
-                let model = r[0].to_label();
+                let model = r[F_MODEL].to_label();
                 let n = |i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
-                ctx.count_rows("quota_data", n(9).max(0) as u64);
+                let rows = n(F_ROWS).max(0) as u64;
+                ctx.count_rows("quota_data", rows);
                 // A quota_data row is an hour's sum: dated outside the plausible hours it
                 // belongs to none, and is set aside whole (as the rows dated ahead, which are
                 // never read hour by hour).
-                if let Some(reason) = Reason::of_flag(n(7)) {
-                    ctx.reject("quota_data", reason, n(8), n(9).max(0) as u64);
+                if let Some(reason) = Reason::of_flag(n(F_FLAG)) {
+                    ctx.reject("quota_data", reason, n(F_FIRST_ID), rows);
                     continue;
                 }
                 self.frozen.entry(model.clone()).or_default().add(&Totals {
-                    requests: n(2),
-                    quota: n(3),
-                    tokens: n(4),
+                    requests: n(F_COUNT),
+                    quota: n(F_QUOTA),
+                    tokens: n(F_TOKENS),
                 });
                 let newest = self.frozen_newest_hour.entry(model).or_insert(i64::MIN);
-                *newest = (*newest).max(hour_of(n(6)));
+                *newest = (*newest).max(hour_of(n(F_LATEST)));
             }
             self.cursor = hi;
         }

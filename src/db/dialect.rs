@@ -113,8 +113,10 @@ impl Dialect {
         }
     }
 
-    /// `value` held to `[low, high]` (NULL stays NULL or becomes `low`), computed once.
+    /// `value` held to `[low, high]`, computed once; NULL counts as 0 on every engine
+    /// (PostgreSQL's `LEAST` skips a NULL argument, which would make NULL the upper bound).
     pub fn clamp(&self, value: &str, low: i64, high: i64) -> String {
+        let value = format!("COALESCE({value}, 0)");
         match self.0 {
             Engine::Sqlite => format!("max(min({value}, {high}), {low})"),
             Engine::Mysql | Engine::Postgres => format!("GREATEST(LEAST({value}, {high}), {low})"),

@@ -13,6 +13,8 @@ pub mod sqlite;
 pub mod write;
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -192,14 +194,20 @@ macro_rules! query_in_lanes {
     ($db:expr, $sql:expr, $params:expr, $run:path) => {{
         let (pool, describe) = ($db.pool.clone(), $db.describe.clone());
         let sql: std::sync::Arc<str> = $sql.into();
-        $crate::db::in_lanes(&$db.rt, $db.parallel_reads(), $params, move |lists| {
+        $crate::db::in_lanes(&$db.rt, $db.parallel_reads(), $params, move |queue| {
             let (pool, describe, sql) = (pool.clone(), describe.clone(), sql.clone());
             async move {
                 let mut conn = $crate::db::acquire_within(&describe, pool.acquire()).await?;
-                let mut out = Vec::with_capacity(lists.len());
-                for p in &lists {
+                let mut out = Vec::new();
+                while let Some((i, p)) = queue.take() {
                     let rows = $run(&mut conn, &describe, &sql, p);
-                    out.push($crate::db::within_deadline(&describe, rows).await?);
+                    match $crate::db::within_deadline(&describe, rows).await {
+                        Ok(rows) => out.push((i, rows)),
+                        Err(e) => {
+                            queue.stop();
+                            return Err(e);
+                        }
+                    }
                 }
                 Ok(out)
             }
@@ -348,11 +356,32 @@ pub(crate) async fn within_deadline<T>(
     })?
 }
 
-/// Runs the parameter lists on `lanes` tasks, each taking every `lanes`-th list in turn and
-/// running its lists one after another on one connection of its own (`run_lane` gets them in
-/// order and returns their rows in that order): at most `lanes` statements are in flight, and
-/// no lane waits for another's connection. Results come in the order of `params`; the first
-/// failure stops the other lanes.
+/// The parameter lists of one [`in_lanes`] read, handed out one at a time to whichever lane
+/// is free: a lane that drew slow statements (the newest rows, which keep their hour and user,
+/// cost more than old ones) leaves the rest to the others instead of holding a fixed share.
+pub(crate) struct LaneQueue {
+    params: Vec<Vec<Value>>,
+    next: AtomicUsize,
+}
+
+impl LaneQueue {
+    /// The next list not yet taken, with its place in the read.
+    pub(crate) fn take(&self) -> Option<(usize, &[Value])> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.params.get(i).map(|p| (i, p.as_slice()))
+    }
+
+    /// Hands out nothing more: a lane failed, and the read fails whatever the others find.
+    pub(crate) fn stop(&self) {
+        self.next.store(self.params.len(), Ordering::Relaxed);
+    }
+}
+
+/// Runs the parameter lists on `lanes` tasks, each running lists from one shared
+/// [`LaneQueue`] one after another on one connection of its own (`run_lane` returns each
+/// list's rows with its place): at most `lanes` statements are in flight, no lane waits for
+/// another's connection, and none idles while lists are left. Results come in the order of
+/// `params`; the first failure stops the other lanes.
 pub(crate) fn in_lanes<F, Fut>(
     rt: &tokio::runtime::Runtime,
     lanes: usize,
@@ -360,32 +389,34 @@ pub(crate) fn in_lanes<F, Fut>(
     run_lane: F,
 ) -> Result<Vec<Vec<Row>>>
 where
-    F: Fn(Vec<Vec<Value>>) -> Fut,
-    Fut: Future<Output = Result<Vec<Vec<Row>>>> + Send + 'static,
+    F: Fn(Arc<LaneQueue>) -> Fut,
+    Fut: Future<Output = Result<Vec<(usize, Vec<Row>)>>> + Send + 'static,
 {
     let lanes = lanes.clamp(1, params.len().max(1));
+    let queue = Arc::new(LaneQueue {
+        params: params.to_vec(),
+        next: AtomicUsize::new(0),
+    });
     let tasks: Vec<_> = (0..lanes)
-        .map(|lane| {
-            let mine: Vec<Vec<Value>> = params.iter().skip(lane).step_by(lanes).cloned().collect();
-            rt.spawn(run_lane(mine))
-        })
+        .map(|_| rt.spawn(run_lane(queue.clone())))
         .collect();
     rt.block_on(async {
         let mut results: Vec<Vec<Row>> = vec![Vec::new(); params.len()];
-        let mut tasks = tasks.into_iter().enumerate();
-        while let Some((lane, task)) = tasks.next() {
+        let mut tasks = tasks.into_iter();
+        while let Some(task) = tasks.next() {
             let done = task
                 .await
                 .map_err(|e| anyhow::anyhow!("a read stopped: {e}"))
                 .and_then(|r| r);
             match done {
                 Ok(rows) => {
-                    for (k, r) in rows.into_iter().enumerate() {
-                        results[lane + k * lanes] = r;
+                    for (i, r) in rows {
+                        results[i] = r;
                     }
                 }
                 Err(e) => {
-                    tasks.for_each(|(_, t)| t.abort());
+                    queue.stop();
+                    tasks.for_each(|t| t.abort());
                     return Err(e);
                 }
             }
@@ -589,27 +620,33 @@ mod tests {
         assert_eq!(Value::Int(7).to_label(), "7");
     }
 
-    /// Lists that finish out of order (the later ones sooner) come back in order, and never
-    /// more than `lanes` run at once.
+    /// Lists that finish out of order (the later ones sooner) come back in order, never more
+    /// than `lanes` run at once, and a lane held up by one slow list leaves the rest to the
+    /// other.
     #[test]
-    fn reads_in_lanes_come_back_in_order_and_two_at_a_time() {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicUsize, Ordering};
+    fn reads_in_lanes_come_back_in_order_two_at_a_time_and_from_one_queue() {
+        use std::sync::Mutex;
         let rt = driver_runtime().unwrap();
         let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let lane_of = Arc::new(Mutex::new(vec![usize::MAX; 9]));
+        let lane_ids = Arc::new(AtomicUsize::new(0));
         let params: Vec<Vec<Value>> = (0..9).map(|i| vec![Value::Int(i)]).collect();
-        let got = in_lanes(&rt, 2, &params, |lists| {
-            let (r, m) = (running.clone(), most.clone());
+        let got = in_lanes(&rt, 2, &params, |queue| {
+            let (r, m, lanes) = (running.clone(), most.clone(), lane_of.clone());
+            let lane = lane_ids.fetch_add(1, Ordering::SeqCst);
             async move {
-                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
-                m.fetch_max(now, Ordering::SeqCst);
                 let mut out = Vec::new();
-                for p in lists {
+                while let Some((at, p)) = queue.take() {
+                    let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    m.fetch_max(now, Ordering::SeqCst);
                     let i = p[0].as_i64().unwrap();
-                    tokio::time::sleep(Duration::from_millis(20 - 2 * i as u64)).await;
-                    out.push(vec![vec![Value::Int(i * 10)]]);
+                    lanes.lock().unwrap()[at] = lane;
+                    // List 0 takes far longer than all the others together.
+                    let ms = if i == 0 { 400 } else { 20 - 2 * i as u64 };
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    out.push((at, vec![vec![Value::Int(i * 10)]]));
                 }
-                r.fetch_sub(1, Ordering::SeqCst);
                 Ok(out)
             }
         })
@@ -620,14 +657,19 @@ mod tests {
             .collect();
         assert_eq!(firsts, (0..9).map(|i| i * 10).collect::<Vec<_>>());
         assert_eq!(most.load(Ordering::SeqCst), 2);
+        let lanes = lane_of.lock().unwrap().clone();
+        assert!(
+            lanes[1..].iter().all(|&l| l != lanes[0]),
+            "the lane held up by list 0 took no other list: {lanes:?}"
+        );
 
         // One failing list fails the whole read.
-        let failed = in_lanes(&rt, 2, &params, |lists| async move {
+        let failed = in_lanes(&rt, 2, &params, |queue| async move {
             let mut out = Vec::new();
-            for p in lists {
+            while let Some((at, p)) = queue.take() {
                 match p[0].as_i64() {
                     Some(5) => anyhow::bail!("list 5 failed"),
-                    _ => out.push(Vec::new()),
+                    _ => out.push((at, Vec::new())),
                 }
             }
             Ok(out)

@@ -18,7 +18,7 @@ use prometheus::proto::MetricFamily;
 
 use super::plausible::{Limits, MAX_AMOUNT, Reason};
 use super::{Admission, Collector, Context, LabelSettings, OTHER};
-use crate::db::{Database, Dialect, Engine, Sources, Value};
+use crate::db::{Database, Dialect, Engine, Row, Sources, Value};
 use crate::metrics::{self as m, Family};
 use crate::reconcile::{Name, Names, PairKey, TimeSpan};
 use crate::schema::{LOG_TYPE_CONSUME, LOG_TYPE_ERROR, LOG_TYPE_REFUND, Schema};
@@ -106,6 +106,10 @@ pub struct LogsCollector {
     /// the hour range twice, the consume type with `flags_unmirrored`, the hour range twice more
     /// with `per_channel`, the plausibility limits, then the condition's.
     select_sql: String,
+    /// The same for rows dated before the reconciliation's hours (see [`Self::read_old`]):
+    /// parameters are only the consume type with `flags_unmirrored`, the plausibility limits
+    /// and the condition's.
+    old_rows_select_sql: String,
     /// Whether the select list tests the consume type for the unmirrored flag (one parameter
     /// after the hour ranges).
     flags_unmirrored: bool,
@@ -168,6 +172,11 @@ pub struct LogsCollector {
 }
 
 /// Columns of the aggregate statement, in order.
+/// A read of at least this many chunks' worth of ids is long (a cold start, a catch-up): its
+/// chunks are read with the statement for rows dated before the reconciliation's hours until
+/// it reaches them. Shorter reads hold the newest rows, and take the full statement at once.
+const LONG_READ_CHUNKS: i64 = 16;
+
 const C_TYPE: usize = 0;
 const C_MODEL: usize = 1;
 const C_CHANNEL: usize = 2;
@@ -263,8 +272,8 @@ impl LogsCollector {
         // On the current generation, rows in range also keep the token and username that
         // quota_data keys on (the channel and group are labels already).
         let per_channel = rules.is_some_and(|r| r.per_channel);
-        let in_range_column = |name: &str, expr: String| {
-            if per_channel && cols.has(name) {
+        let in_range_column = |old: bool, name: &str, expr: String| {
+            if per_channel && cols.has(name) && !old {
                 format!("CASE WHEN {in_range} THEN {expr} ELSE NULL END")
             } else {
                 "NULL".to_string()
@@ -281,12 +290,17 @@ impl LogsCollector {
             "0".to_string()
         };
         let id = d.ident("id");
-        // Each sum takes only values within 32 bits, so none can overflow; a row with any amount
-        // out of range is in a group of its own (its flag), which is set aside whole.
+        // Each sum takes only values within 32 bits, so none can overflow. A row with any of
+        // these amounts out of range is in a group of its own (its flag), which is set aside
+        // whole: holding each amount to the range changes no sum that is counted, and costs the
+        // server less than a test of the range in every sum.
         let amounts = [quota.clone(), prompt.clone(), completion.clone()];
         // Each statement comes in two forms: grouped, and one result row per log row (the
         // aggregates taken over that row alone).
         let sum = |per_row: bool, expr: String| if per_row { expr } else { d.sum_int(&expr) };
+        let held =
+            |per_row: bool, expr: &str, low: i64| sum(per_row, d.clamp(expr, low, MAX_AMOUNT));
+        // `use_time` is not among the flagged amounts: a value out of range adds nothing.
         let bounded = |per_row: bool, column: &str, expr: &str| {
             sum(
                 per_row,
@@ -310,37 +324,40 @@ impl LogsCollector {
             cols.or(d, "user_id", "0")
         );
         let use_time = cols.or(d, "use_time", "0");
-        // In the order of the C_* constants.
-        let select_list = |per_row: bool| {
+        // In the order of the C_* constants. With `old`, the form for rows dated before the
+        // reconciliation's hours, which keep no hour, user, token or username and take no
+        // histogram bucket: those columns are constants, and the statement has no `?` for them.
+        let select_list = |per_row: bool, old: bool| {
+            let or_null = |expr: &String| {
+                if old {
+                    "NULL".to_string()
+                } else {
+                    expr.clone()
+                }
+            };
             let mut exprs = vec![
                 ty.clone(),
                 d.text_key(&d.ident("model_name")),
                 cols.or(d, "channel_id", "NULL"),
                 d.text_key(&cols.or(d, "group", "NULL")),
-                hour_in_range.clone(),
-                user_in_range.clone(),
+                or_null(&hour_in_range),
+                or_null(&user_in_range),
                 unmirrored.clone(),
                 if per_row { "1" } else { "COUNT(*)" }.to_string(),
-                bounded(
-                    per_row,
-                    &quota,
-                    &format!("CASE WHEN {quota} > 0 THEN {quota} ELSE 0 END"),
-                ),
-                bounded(
-                    per_row,
-                    &quota,
-                    &format!("CASE WHEN {quota} < 0 THEN -{quota} ELSE 0 END"),
-                ),
-                bounded(per_row, &prompt, &prompt),
-                bounded(per_row, &completion, &completion),
-                // use_time is whole seconds of one request: bounded like the amounts.
+                held(per_row, &quota, 0),
+                // The corrections: the negative part, negated once added up (a sum of held
+                // values, so never the smallest integer).
+                format!("-{}", sum(per_row, d.clamp(&quota, -MAX_AMOUNT, 0))),
+                held(per_row, &prompt, -MAX_AMOUNT),
+                held(per_row, &completion, -MAX_AMOUNT),
+                // use_time is whole seconds of one request.
                 bounded(per_row, &use_time, &use_time),
-                bounded(per_row, &quota, &quota),
+                held(per_row, &quota, -MAX_AMOUNT),
                 of_rows(per_row, "MIN", &created),
                 of_rows(per_row, "MAX", &created),
                 of_rows(per_row, "MIN", &id),
-                in_range_column("token_id", d.ident("token_id")),
-                in_range_column("username", d.text_key(&d.ident("username"))),
+                in_range_column(old, "token_id", d.ident("token_id")),
+                in_range_column(old, "username", d.text_key(&d.ident("username"))),
                 flag.clone(),
             ];
             let other = cols.has("other").then(|| d.ident("other"));
@@ -392,6 +409,7 @@ impl LogsCollector {
                     .zip([&DURATION_BUCKETS, &FIRST_RESPONSE_BUCKETS_MS])
                 {
                     match value {
+                        _ if old => exprs.extend(["-1".to_string(), "0".to_string()]),
                         (Some(v), bounds) => {
                             exprs.push(bucket(v, bounds));
                             exprs.push(sum(v));
@@ -409,8 +427,9 @@ impl LogsCollector {
             }
             format!("SELECT {} FROM logs WHERE ", d.select_list(&exprs))
         };
-        let select_sql = select_list(false);
-        let per_row_select_sql = select_list(true);
+        let select_sql = select_list(false, false);
+        let old_rows_select_sql = select_list(false, true);
+        let per_row_select_sql = select_list(true, false);
         // The token and username columns are constant NULLs unless per channel: grouping by
         // them would only widen every sort key of the cold start.
         let mut grouped = vec![1, 2, 3, 4, 5, 6, 7];
@@ -428,6 +447,7 @@ impl LogsCollector {
         let first_after_sql = format!("SELECT MIN({id}) FROM logs WHERE {created} > ?");
         LogsCollector {
             per_row_select_sql,
+            old_rows_select_sql,
             per_row_on_one_shot: dialect.0 == Engine::Sqlite,
             row_sql,
             first_after_sql,
@@ -550,6 +570,57 @@ impl LogsCollector {
         each: &[Vec<Value>],
         by_row: bool,
     ) -> Result<Vec<i64>> {
+        let (sql, all) = self.statement(ctx, condition, by_row);
+        let results = db.query_each(&sql, &with_leading(&all, each))?;
+        Ok(self.apply_all(ctx, results.iter().flatten(), by_row))
+    }
+
+    /// [`Self::read_each`] for the chunks of a long read (a cold start, a catch-up), first
+    /// with the statement for rows dated before the reconciliation's hours, which costs the
+    /// server far less per row. A chunk whose newest row is within the hours is read again in
+    /// full: ids follow time closely but not exactly (several nodes, clocks apart), so each
+    /// chunk is judged by its own rows, not by a boundary id. Nothing is applied unless every
+    /// chunk was read. Returns whether any chunk was read again (the read has reached the
+    /// reconciliation's hours).
+    fn read_old(
+        &mut self,
+        db: &mut dyn Database,
+        ctx: &mut Context,
+        condition: &str,
+        each: &[Vec<Value>],
+    ) -> Result<bool> {
+        let since = ctx.hourly_range().0;
+        let mut all = Vec::new();
+        if self.flags_unmirrored {
+            all.push(Value::Int(LOG_TYPE_CONSUME));
+        }
+        all.extend(ctx.plausible().flag_params().map(Value::Int));
+        let sql = format!("{}{condition}{}", self.old_rows_select_sql, self.group_sql);
+        let mut results = db.query_each(&sql, &with_leading(&all, each))?;
+        // A group whose newest time is unknown (NULL) is read in full too, as its rows would be.
+        let recent = |groups: &Vec<Row>| {
+            groups.iter().any(|g| {
+                g.get(C_LATEST)
+                    .and_then(Value::as_i64)
+                    .is_none_or(|t| t >= since)
+            })
+        };
+        let again: Vec<usize> = (0..each.len()).filter(|&i| recent(&results[i])).collect();
+        if !again.is_empty() {
+            let params: Vec<Vec<Value>> = again.iter().map(|&i| each[i].clone()).collect();
+            let (sql, all) = self.statement(ctx, condition, false);
+            let full = db.query_each(&sql, &with_leading(&all, &params))?;
+            for (i, groups) in again.iter().zip(full) {
+                results[*i] = groups;
+            }
+        }
+        self.apply_all(ctx, results.iter().flatten(), false);
+        Ok(!again.is_empty())
+    }
+
+    /// The aggregate statement for `condition` and the parameters that come before the
+    /// condition's own.
+    fn statement(&self, ctx: &Context, condition: &str, by_row: bool) -> (String, Vec<Value>) {
         // An empty range puts every row in the single NULL hour bucket.
         let (from, until) = if self.keeps_hours {
             ctx.hourly_range()
@@ -586,21 +657,26 @@ impl LogsCollector {
         } else {
             format!("{}{condition}{group}", self.select_sql)
         };
-        let lists: Vec<Vec<Value>> = each
-            .iter()
-            .map(|params| [all.as_slice(), params].concat())
-            .collect();
-        let results = db.query_each(&sql, &lists)?;
+        (sql, all)
+    }
+
+    /// Applies the groups read; with `by_row`, returns their ids.
+    fn apply_all<'a>(
+        &mut self,
+        ctx: &mut Context,
+        groups: impl Iterator<Item = &'a Row>,
+        by_row: bool,
+    ) -> Vec<i64> {
         let mut read = 0;
         let mut ids = Vec::new();
-        for g in results.iter().flatten() {
+        for g in groups {
             read += self.apply(g, ctx);
             if by_row && let Some(id) = g.get(C_ID).and_then(Value::as_i64) {
                 ids.push(id);
             }
         }
         ctx.count_rows("logs", read);
-        Ok(ids)
+        ids
     }
 
     /// Folds one aggregated group into the counters and the per-hour recording state.
@@ -726,6 +802,13 @@ impl LogsCollector {
     }
 }
 
+/// Each parameter list of a read, after the parameters its statement takes before them.
+fn with_leading(leading: &[Value], each: &[Vec<Value>]) -> Vec<Vec<Value>> {
+    each.iter()
+        .map(|p| [leading, p.as_slice()].concat())
+        .collect()
+}
+
 fn first_int(rows: &[Vec<Value>]) -> Option<i64> {
     rows.first()?.first()?.as_i64()
 }
@@ -753,6 +836,9 @@ impl Collector for LogsCollector {
         }
         let by_row_from = top.saturating_sub(GAP_WINDOW);
         let range = format!("{} BETWEEN ? AND ?", self.id);
+        // Until a long read reaches the reconciliation's hours, its chunks are read in the
+        // form for older rows first.
+        let mut before_hours = !(self.per_row_on_one_shot && ctx.one_shot());
         while self.cursor < top && !ctx.stopping() {
             let Some(lo) = first_int(&db.query(&self.next_id_sql, &[Value::Int(self.cursor)])?)
             else {
@@ -780,6 +866,12 @@ impl Collector for LogsCollector {
                 .iter()
                 .map(|&(from, to)| vec![Value::Int(from), Value::Int(to)])
                 .collect();
+            let long = end.saturating_sub(lo) >= ctx.chunk_rows().saturating_mul(LONG_READ_CHUNKS);
+            if !by_row && long && before_hours {
+                before_hours = !self.read_old(db, ctx, &range, &ranges)?;
+                self.cursor = hi;
+                continue;
+            }
             let ids = self.read_each(db, ctx, &range, &ranges, by_row)?;
             if by_row {
                 // Every id of (cursor, hi] not seen now may still commit.
