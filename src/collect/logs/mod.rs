@@ -570,7 +570,8 @@ impl LogsCollector {
         each: &[Vec<Value>],
         by_row: bool,
     ) -> Result<Vec<i64>> {
-        let (sql, all) = self.statement(ctx, condition, by_row);
+        let form = if by_row { Form::ByRow } else { Form::Grouped };
+        let (sql, all) = self.statement(ctx, condition, form);
         let results = db.query_each(&sql, &with_leading(&all, each))?;
         Ok(self.apply_all(ctx, results.iter().flatten(), by_row))
     }
@@ -590,12 +591,7 @@ impl LogsCollector {
         each: &[Vec<Value>],
     ) -> Result<bool> {
         let since = ctx.hourly_range().0;
-        let mut all = Vec::new();
-        if self.flags_unmirrored {
-            all.push(Value::Int(LOG_TYPE_CONSUME));
-        }
-        all.extend(ctx.plausible().flag_params().map(Value::Int));
-        let sql = format!("{}{condition}{}", self.old_rows_select_sql, self.group_sql);
+        let (sql, all) = self.statement(ctx, condition, Form::OldRows);
         let mut results = db.query_each(&sql, &with_leading(&all, each))?;
         // A group whose newest time is unknown (NULL) is read in full too, as its rows would be.
         let recent = |groups: &Vec<Row>| {
@@ -608,7 +604,7 @@ impl LogsCollector {
         let again: Vec<usize> = (0..each.len()).filter(|&i| recent(&results[i])).collect();
         if !again.is_empty() {
             let params: Vec<Vec<Value>> = again.iter().map(|&i| each[i].clone()).collect();
-            let (sql, all) = self.statement(ctx, condition, false);
+            let (sql, all) = self.statement(ctx, condition, Form::Grouped);
             let full = db.query_each(&sql, &with_leading(&all, &params))?;
             for (i, groups) in again.iter().zip(full) {
                 results[*i] = groups;
@@ -618,44 +614,39 @@ impl LogsCollector {
         Ok(!again.is_empty())
     }
 
-    /// The aggregate statement for `condition` and the parameters that come before the
-    /// condition's own.
-    fn statement(&self, ctx: &Context, condition: &str, by_row: bool) -> (String, Vec<Value>) {
+    /// The aggregate statement of `form` for `condition`, and the parameters that come before
+    /// the condition's own.
+    fn statement(&self, ctx: &Context, condition: &str, form: Form) -> (String, Vec<Value>) {
+        let old = form == Form::OldRows;
         // An empty range puts every row in the single NULL hour bucket.
         let (from, until) = if self.keeps_hours {
             ctx.hourly_range()
         } else {
             (0, 0)
         };
-        let mut all = vec![
-            Value::Int(from),
-            Value::Int(until),
-            Value::Int(from),
-            Value::Int(until),
-        ];
+        let mut all = Vec::new();
+        if !old {
+            all.extend([from, until, from, until].map(Value::Int));
+        }
         if self.flags_unmirrored {
             all.push(Value::Int(LOG_TYPE_CONSUME));
         }
-        if self.per_channel {
+        if self.per_channel && !old {
             for _ in 0..2 {
                 all.extend([Value::Int(from), Value::Int(until)]);
             }
         }
         all.extend(ctx.plausible().flag_params().map(Value::Int));
-        let one_shot_per_row = self.per_row_on_one_shot && ctx.one_shot();
-        if !one_shot_per_row {
+        let one_shot_per_row = self.per_row_on_one_shot && ctx.one_shot() && !old;
+        if !one_shot_per_row && !old {
             let since = ctx.hourly_range().0;
             all.extend([since; 4].map(Value::Int));
         }
-        let group = if by_row {
-            self.group_by_row_sql.as_str()
-        } else {
-            self.group_sql.as_str()
-        };
-        let sql = if one_shot_per_row {
-            format!("{}{condition}", self.per_row_select_sql)
-        } else {
-            format!("{}{condition}{group}", self.select_sql)
+        let sql = match form {
+            _ if one_shot_per_row => format!("{}{condition}", self.per_row_select_sql),
+            Form::OldRows => format!("{}{condition}{}", self.old_rows_select_sql, self.group_sql),
+            Form::Grouped => format!("{}{condition}{}", self.select_sql, self.group_sql),
+            Form::ByRow => format!("{}{condition}{}", self.select_sql, self.group_by_row_sql),
         };
         (sql, all)
     }
@@ -800,6 +791,17 @@ impl LogsCollector {
         }
         rows
     }
+}
+
+/// Which statement a read takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// One result row per group of labels, hour, user and the rest.
+    Grouped,
+    /// The same with one group per log row (the newest ids, whose gaps are tracked).
+    ByRow,
+    /// [`Form::Grouped`] for rows dated before the reconciliation's hours.
+    OldRows,
 }
 
 /// Each parameter list of a read, after the parameters its statement takes before them.
